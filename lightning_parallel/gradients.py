@@ -1,0 +1,52 @@
+"""Gradient norm and clipping over every shard of the model.
+
+A rank's gradients may be plain tensors, DTensors on a data- or tensor-parallel mesh, or a
+mix; with pipeline parallelism each rank holds only its stages. The norm is the one a single
+process would compute for the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, pp_group=None) -> torch.Tensor:
+    """The global norm of all gradients (a replicated plain tensor, the same on every rank)."""
+    norm_type = float(norm_type)
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
+
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type)
+        # A DTensor norm is partial over the mesh; full_tensor() reduces it across ranks.
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if norms:
+        total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type)
+    else:  # a rank whose parameters got no gradient still joins the pipeline reduction below
+        total = torch.zeros((), device=parameters[0].device if parameters else "cpu")
+
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        if math.isinf(norm_type):
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
+        else:
+            total = total.pow(norm_type)
+            dist.all_reduce(total, group=pp_group)
+            total = total.pow(1.0 / norm_type)
+    return total
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, pp_group=None):
+    """Scales all gradients in place so that their global norm is at most `max_norm`."""
+    parameters = list(parameters)
+    total = total_grad_norm(parameters, norm_type, pp_group)
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return total

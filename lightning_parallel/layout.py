@@ -1,0 +1,134 @@
+"""The parallel degrees of a run, their checks, and the device mesh built from them.
+
+Every rank computes the same `Layout` from the same arguments and world size, so a bad
+configuration raises on every rank before any process group exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+# Outermost to innermost. Tensor parallelism is innermost so that its groups, which talk
+# the most, are made of consecutive ranks and so stay inside one node.
+MESH_DIMS = ("pp", "dp", "tp")
+SHARDING_CHOICES = ("none", "full")
+
+Degree = Union[int, str]
+
+
+class LayoutError(ValueError):
+    """A parallel configuration that cannot run. The message names the problem and the fix."""
+
+
+def check_degree(name: str, value: Degree, allow_auto: bool = False) -> None:
+    """Rejects a degree that is not a positive int (or "auto" where allowed)."""
+    if allow_auto and value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = ' or "auto"' if allow_auto else ""
+        raise LayoutError(f"{name} must be a positive int{hint}, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise LayoutError(f"{name} must be >= 1, got {value}. Use 1 to turn this form of parallelism off.")
+
+
+def check_sharding(sharding: str) -> None:
+    if sharding not in SHARDING_CHOICES:
+        raise LayoutError(
+            f"sharding={sharding!r} is not one of {SHARDING_CHOICES}: use 'none' to replicate parameters "
+            "(gradients all-reduced, as DDP does) or 'full' to shard parameters, gradients and optimizer "
+            "state over the data-parallel ranks (FSDP2)."
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Degrees of pipeline (pp), data (dp) and tensor (tp) parallelism; pp * dp * tp == world size."""
+
+    pp: int
+    dp: int
+    tp: int
+
+    @classmethod
+    def resolve(cls, world_size: int, data_parallel: Degree, tensor_parallel: int, pipeline_parallel: int) -> Layout:
+        """Fills in data_parallel="auto" and checks that the degrees tile the world exactly."""
+        check_degree("data_parallel", data_parallel, allow_auto=True)
+        check_degree("tensor_parallel", tensor_parallel)
+        check_degree("pipeline_parallel", pipeline_parallel)
+        model_parallel = tensor_parallel * pipeline_parallel
+        if data_parallel == "auto":
+            if world_size % model_parallel:
+                raise LayoutError(
+                    f"The world size {world_size} (devices x num_nodes) is not divisible by "
+                    f"tensor_parallel x pipeline_parallel = {tensor_parallel} x {pipeline_parallel} = "
+                    f"{model_parallel}, so data_parallel='auto' has no whole value. Launch a multiple of "
+                    f"{model_parallel} processes or change the degrees."
+                )
+            data_parallel = world_size // model_parallel
+        if data_parallel * model_parallel != world_size:
+            raise LayoutError(
+                f"pipeline_parallel x data_parallel x tensor_parallel = {pipeline_parallel} x {data_parallel} x "
+                f"{tensor_parallel} = {data_parallel * model_parallel}, but the world size (devices x num_nodes) "
+                f"is {world_size}. Make the product equal the number of processes, or set data_parallel='auto'."
+            )
+        return cls(pp=pipeline_parallel, dp=data_parallel, tp=tensor_parallel)
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """Mesh coordinates of a global rank (row-major over MESH_DIMS, as the mesh is built)."""
+        pp, rest = divmod(rank, self.dp * self.tp)
+        dp, tp = divmod(rest, self.tp)
+        return {"pp": pp, "dp": dp, "tp": tp}
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+
+    def __str__(self) -> str:
+        return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
+
+
+def describe_ranks(layout: Layout, hosts: list[str]) -> str:
+    """One line per rank: its host and mesh coordinates. `hosts[r]` is rank r's host name."""
+    lines = [f"HybridParallel layout {layout} on {layout.world_size} processes"]
+    for rank, host in enumerate(hosts):
+        coords = layout.coordinates(rank)
+        lines.append(f"  rank {rank:>3} on {host}: pp={coords['pp']} dp={coords['dp']} tp={coords['tp']}")
+    return "\n".join(lines)
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def check_backend(backend: str | None, device: torch.device) -> None:
+    """Rejects accelerators and backends that cannot run this layout, before the process group starts."""
+    if device.type not in ("cpu", "cuda"):
+        raise LayoutError(
+            f"HybridParallel runs on CPU (gloo) and CUDA (nccl) devices, not on {device.type!r}. "
+            "Use accelerator='cpu' or accelerator='cuda'."
+        )
+    if backend is None:
+        return
+    # A composite backend such as "cpu:gloo,cuda:nccl" names one backend per device type.
+    per_device = dict(part.split(":", 1) for part in backend.split(",")) if ":" in backend else None
+    chosen = per_device.get(device.type) if per_device else backend
+    if chosen is None:
+        raise LayoutError(f"backend={backend!r} names no backend for {device.type!r} devices; add '{device.type}:...'.")
+    if chosen == "nccl" and device.type != "cuda":
+        raise LayoutError(
+            f"backend='nccl' needs CUDA devices, but the accelerator is {device.type!r}. "
+            "Use backend='gloo' (or leave backend unset) on CPU."
+        )
+    if chosen == "gloo" and device.type == "cuda":
+        raise LayoutError(
+            "backend='gloo' cannot run FSDP2's reduce-scatter on CUDA tensors. Use backend='nccl' "
+            "(or leave backend unset) on GPUs."
+        )
+    if chosen not in ("gloo", "nccl", "mpi", "ucc", "xccl"):
+        raise LayoutError(f"Unknown process-group backend {chosen!r}: use 'gloo' on CPU or 'nccl' on CUDA.")

@@ -1,0 +1,203 @@
+"""Parity test bed: the same module, seed and data on one process and on a parallel layout.
+
+`run(spec)` trains in fresh processes started the way users start them (`python -m
+lightning_parallel.parity SPEC OUT` with Lightning's own launcher for devices > 1) and returns
+what rank 0 recorded: every step's logged training loss, the final validation loss, the final
+parameters gathered to full tensors, and the parameter elements each rank held.
+`assert_parity(reference, parallel)` compares two such records.
+
+A spec is a plain dict (JSON):
+    model, model_kwargs   "package.module:factory" returning a LightningModule, and its kwargs
+    data, data_kwargs     "package.module:factory" returning (train_dataset, val_dataset)
+    batch_size            global training batch size (split over the data-parallel ranks)
+    val_batch_size        global validation batch size
+    max_steps, seed       optimizer steps to train; seed for the module's initialization
+    devices               number of processes
+    strategy              None (one process, plain Lightning), a strategy name such as "ddp",
+                          or a dict of HybridParallel arguments
+    trainer               extra Trainer arguments (accumulate_grad_batches, gradient_clip_val, ...)
+    callbacks             extra callbacks by import path; a callback's `record` dict joins the record
+    evaluate              extra stages to run after fit: "test" (records test_loss), "predict"
+                          (records rank 0's predictions)
+
+The model must log its training loss as "train_loss" and its validation loss as "val_loss".
+The one-process reference replays the order in which Lightning's distributed sampler deals
+samples (shuffled with the global seed), so the k-th global batch is the same in both runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 1e-4
+
+
+def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0) -> dict[str, Any]:
+    """Trains as `spec` says in new processes; returns rank 0's record."""
+    with tempfile.TemporaryDirectory(prefix="lp-parity-") as tmp:
+        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "record.pt")
+        spec_file.write_text(json.dumps(spec))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        cmd = [sys.executable, "-m", "lightning_parallel.parity", str(spec_file), str(out_file)]
+        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out_file.exists():
+            raise RuntimeError(
+                f"parity run failed (exit {proc.returncode}) for spec {spec}\n"
+                f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+            )
+        record = torch.load(out_file, weights_only=False)
+        record["output"] = proc.stdout + proc.stderr
+        return record
+
+
+def assert_parity(reference: dict, parallel: dict, loss_rtol: float = LOSS_RTOL, param_atol: float = PARAM_ATOL) -> dict:
+    """Raises AssertionError unless every step's loss, the validation loss and every final
+    parameter agree; returns the largest gaps seen."""
+    ref_losses, par_losses = torch.tensor(reference["losses"]), torch.tensor(parallel["losses"])
+    assert len(ref_losses) == len(par_losses) > 0, f"step counts differ: {len(ref_losses)} vs {len(par_losses)}"
+    loss_gap = ((par_losses - ref_losses).abs() / ref_losses.abs()).max().item()
+    assert loss_gap <= loss_rtol, f"training losses differ by {loss_gap:.3g} relative:\n{ref_losses}\n{par_losses}"
+
+    val_gap = abs(parallel["val_loss"] - reference["val_loss"]) / abs(reference["val_loss"])
+    assert val_gap <= loss_rtol, f"validation loss {parallel['val_loss']} vs {reference['val_loss']}"
+
+    ref_params, par_params = reference["params"], parallel["params"]
+    assert ref_params.keys() == par_params.keys(), f"parameter names differ: {ref_params.keys() ^ par_params.keys()}"
+    param_gap = 0.0
+    for name, ref in ref_params.items():
+        par = par_params[name]
+        assert par.shape == ref.shape, f"{name}: shape {tuple(par.shape)} vs {tuple(ref.shape)}"
+        gap = (par.float() - ref.float()).abs().max().item()
+        assert gap <= param_atol, f"parameter {name} differs by {gap:.3g} (> {param_atol})"
+        param_gap = max(param_gap, gap)
+    return {"loss_rtol": loss_gap, "val_rtol": val_gap, "param_atol": param_gap}
+
+
+# ---------------------------------------------------------------------------- the worker
+
+
+def _load(path: str):
+    module_name, attr = path.split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _data_parallel_degree(spec: dict) -> int:
+    strategy = spec.get("strategy")
+    if strategy is None:
+        return 1
+    if isinstance(strategy, str):
+        return spec["devices"]
+    from lightning_parallel.layout import Layout
+
+    return Layout.resolve(
+        spec["devices"],
+        strategy.get("data_parallel", "auto"),
+        strategy.get("tensor_parallel", 1),
+        strategy.get("pipeline_parallel", 1),
+    ).dp
+
+
+def _loaders(spec: dict, train_ds, val_ds):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    dp = _data_parallel_degree(spec)
+    batch, val_batch = spec["batch_size"], spec.get("val_batch_size", spec["batch_size"])
+    for name, size, n in (("batch_size", batch, len(train_ds)), ("val_batch_size", val_batch, len(val_ds))):
+        if size % dp or n % size:
+            raise ValueError(f"{name}={size} must divide over dp={dp} and divide the dataset size {n}")
+    if spec.get("strategy") is None:
+        # Lightning's distributed sampler with one replica deals the same order as with dp replicas.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=seed)
+        train = DataLoader(train_ds, batch_size=batch, sampler=sampler)
+    else:
+        train = DataLoader(train_ds, batch_size=batch // dp, shuffle=True)
+    return train, DataLoader(val_ds, batch_size=val_batch // dp, shuffle=False)
+
+
+def _elements_held(module: torch.nn.Module) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
+
+
+def _worker(spec_file: str, out_file: str) -> None:
+    import lightning.pytorch as pl
+    import torch.distributed as dist
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    import lightning_parallel
+    from lightning_parallel import checkpoint
+
+    spec = json.loads(Path(spec_file).read_text())
+    pl.seed_everything(spec.get("seed", 0), verbose=False)
+    model = _load(spec["model"])(**spec.get("model_kwargs", {}))
+    train_ds, val_ds = _load(spec["data"])(**spec.get("data_kwargs", {}))
+    train_loader, val_loader = _loaders(spec, train_ds, val_ds)
+
+    record: dict[str, Any] = {"losses": []}
+
+    class Recorder(pl.Callback):
+        def on_train_start(self, trainer, module):
+            record["summary_total_params"] = ModelSummary(module).total_parameters
+            held = _elements_held(module)
+            if dist.is_initialized():
+                per_rank: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(per_rank, held)
+                held = per_rank
+            record["elements_held"] = held if isinstance(held, list) else [held]
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            record["losses"].append(float(trainer.callback_metrics["train_loss"]))
+
+    probes = [_load(path)() for path in spec.get("callbacks", [])]
+    strategy = spec.get("strategy")
+    if isinstance(strategy, dict):
+        strategy = lightning_parallel.HybridParallel(**{"timeout": 120, **strategy})
+    elif strategy is None:
+        strategy = "auto"
+    trainer_args = dict(
+        accelerator="cpu",
+        devices=spec.get("devices", 1),
+        strategy=strategy,
+        max_steps=spec["max_steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer = pl.Trainer(**{**trainer_args, **spec.get("trainer", {})}, callbacks=[Recorder(), *probes])
+    trainer.fit(model, train_loader, val_loader)
+    record["val_metrics"] = trainer.validate(model, val_loader, verbose=False)[0]
+    record["val_loss"] = record["val_metrics"]["val_loss"]
+    if "test" in spec.get("evaluate", ()):
+        record["test_loss"] = trainer.test(model, val_loader, verbose=False)[0]["test_loss"]
+    if "predict" in spec.get("evaluate", ()):
+        record["predictions"] = torch.cat(trainer.predict(model, val_loader))
+    for probe in probes:
+        record.update(getattr(probe, "record", {}))
+    if isinstance(trainer.strategy, lightning_parallel.HybridParallel):
+        params = checkpoint.full_model_state(model)
+    else:
+        params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    record["params"] = {k: v.float() for k, v in params.items()}
+    if trainer.is_global_zero:
+        torch.save(record, out_file)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

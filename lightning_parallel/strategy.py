@@ -1,0 +1,305 @@
+"""HybridParallel: Lightning's hooks. The parallel work itself lives in layout.py,
+data_parallel.py, gradients.py and checkpoint.py."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.optim import Optimizer
+
+from lightning_parallel import checkpoint
+from lightning_parallel.data_parallel import (
+    StepRunner,
+    apply_data_parallel,
+    broadcast_module_state,
+    reshard,
+    set_gradient_sync,
+)
+from lightning_parallel.gradients import clip_grad_norm_
+from lightning_parallel.layout import (
+    Layout,
+    LayoutError,
+    check_backend,
+    check_degree,
+    check_sharding,
+    default_backend,
+    describe_ranks,
+)
+
+SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+
+
+class HybridParallel(ParallelStrategy):
+    """Data, tensor and pipeline parallelism for an unmodified LightningModule.
+
+    Args:
+        data_parallel: data-parallel degree, or "auto" for world size / (tensor x pipeline).
+        tensor_parallel: tensor-parallel degree (innermost mesh dim; keep it within a node).
+        pipeline_parallel: pipeline-parallel degree (outermost mesh dim).
+        sharding: "none" replicates parameters and all-reduces gradients (DDP); "full" shards
+            parameters, gradients and optimizer state over the data-parallel ranks (FSDP2).
+        backend: process-group backend; default gloo on CPU, nccl on CUDA.
+        timeout: seconds a collective may wait before the run fails (instead of hanging).
+    """
+
+    strategy_name = "hybrid"
+
+    def __init__(
+        self,
+        data_parallel: Union[int, str] = "auto",
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        sharding: str = "none",
+        backend: Optional[str] = None,
+        timeout: Union[float, timedelta] = 1800.0,
+        **strategy_kwargs: Any,
+    ) -> None:
+        super().__init__(**strategy_kwargs)
+        check_degree("data_parallel", data_parallel, allow_auto=True)
+        check_degree("tensor_parallel", tensor_parallel)
+        check_degree("pipeline_parallel", pipeline_parallel)
+        check_sharding(sharding)
+        for name, degree in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
+            if degree > 1:
+                raise NotImplementedError(f"{name}={degree}: this release of HybridParallel supports data parallelism only.")
+        self.data_parallel = data_parallel
+        self.tensor_parallel = tensor_parallel
+        self.pipeline_parallel = pipeline_parallel
+        self.sharding = sharding
+        self.backend = backend
+        self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self.num_nodes = 1
+        self._layout: Optional[Layout] = None
+        self._device_mesh: Optional[DeviceMesh] = None
+        self._runner: Optional[StepRunner] = None
+
+    # ----------------------------------------------------------------- layout and processes
+
+    @property
+    def layout(self) -> Layout:
+        """The resolved degrees; known once Lightning has told the strategy its devices."""
+        if self._layout is None:
+            self._layout = Layout.resolve(
+                self.num_nodes * self.num_processes, self.data_parallel, self.tensor_parallel, self.pipeline_parallel
+            )
+        return self._layout
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        if self._device_mesh is None:
+            raise RuntimeError("The device mesh exists once the processes have started (after setup_environment).")
+        return self._device_mesh
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Ranks that differ only in their tp or pp coordinate read the same batch.
+        dp_mesh = self.device_mesh["dp"]
+        return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # state is loaded into the parallelized model
+
+    def _configure_launcher(self) -> None:
+        # Called in every process Lightning or a launcher starts, before any collective:
+        # the checks here fail on every rank alike.
+        self._check_configuration()
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def _check_configuration(self) -> None:
+        self._layout = None
+        _ = self.layout
+        check_backend(self.backend, self.root_device)
+        precision = getattr(self.precision_plugin, "precision", None)
+        if precision not in SUPPORTED_PRECISION:
+            raise LayoutError(
+                f"HybridParallel does not support precision={precision!r}: choose one of {SUPPORTED_PRECISION} "
+                "(bf16-mixed needs no gradient scaler, which sharded gradients would need for 16-mixed)."
+            )
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        self._check_configuration()
+        backend = self.backend or default_backend(self.root_device)
+        device_id = self.root_device if self.root_device.type == "cuda" else None
+        _init_dist_connection(self.cluster_environment, backend, timeout=self.timeout, device_id=device_id)
+        self._device_mesh = self.layout.build_mesh(self.root_device.type)
+        hosts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        rank_zero_info(describe_ranks(self.layout, hosts))
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh  # as ModelParallelStrategy does
+
+    # ----------------------------------------------------------------- model
+
+    def setup(self, trainer) -> None:
+        assert self.accelerator is not None and self.lightning_module is not None
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        if self._runner is None or self._runner.module is not module:
+            module = self.precision_plugin.convert_module(module)
+            self.model_to_device()
+            broadcast_module_state(module)
+            self._runner = self._parallelize(module)
+        self.model = self._runner if self._runner is not None else module
+        self._set_metric_groups()
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
+        self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
+
+    def model_to_device(self) -> None:
+        assert self.lightning_module is not None
+        self.lightning_module.to(self.root_device)
+
+    def _parallelize(self, module) -> Optional[StepRunner]:
+        """Applies each form of parallelism in a fixed order; returns the step runner, if any."""
+        if self.layout.dp == 1:
+            return None
+        runner = StepRunner(module)
+        apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
+        return runner
+
+    def _set_metric_groups(self) -> None:
+        """torchmetrics sync over the data-parallel group, where each sample is counted once."""
+        try:
+            from torchmetrics import Metric
+        except ImportError:
+            return
+        group = self.device_mesh["dp"].get_group()
+        for sub in self.lightning_module.modules():
+            if isinstance(sub, Metric):
+                sub.process_group = group
+
+    def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_grad_norm_(parameters, clip_val, pp_group=self.device_mesh["pp"].get_group())
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """No gradient reduction while Lightning accumulates gradients over micro-steps."""
+        if self._runner is None:
+            yield
+            return
+        set_gradient_sync(self._runner, False)
+        try:
+            yield
+        finally:
+            set_gradient_sync(self._runner, True)
+
+    def on_validation_end(self) -> None:
+        # FSDP2 leaves the root's parameters gathered after a forward, expecting a backward;
+        # after evaluation none comes, so shard them again to give the memory back.
+        if self._runner is not None:
+            reshard(self._runner)
+
+    on_test_end = on_predict_end = on_validation_end
+
+    # ----------------------------------------------------------------- collectives
+
+    def barrier(self, name: Optional[str] = None) -> None:
+        if _distributed_is_initialized():
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[self.root_device.index])
+            else:
+                dist.barrier()
+
+    def broadcast(self, obj, src: int = 0):
+        if not _distributed_is_initialized():
+            return obj
+        objects = [obj]
+        dist.broadcast_object_list(objects, src)
+        return objects[0]
+
+    def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op="mean"):
+        """Reduces over the data-parallel group by default: that is what `self.log(sync_dist=True)`
+        means (tensor and pipeline peers hold the same samples and must not be counted twice)."""
+        if not isinstance(tensor, Tensor):
+            return tensor
+        return _sync_ddp_if_available(tensor, group if group is not None else self._dp_group(), reduce_op=reduce_op)
+
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        return _all_gather_ddp_if_available(tensor, group=group if group is not None else self._dp_group(), sync_grads=sync_grads)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        decision_tensor = torch.tensor(int(decision), device=self.root_device)
+        votes = _sync_ddp_if_available(decision_tensor, dist.group.WORLD, reduce_op=ReduceOp.SUM)
+        return bool(votes == self.world_size) if all else bool(votes)
+
+    def _dp_group(self):
+        return self._device_mesh["dp"].get_group() if self._device_mesh is not None else None
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return checkpoint.full_model_state(self.lightning_module)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return checkpoint.full_optimizer_state(self.lightning_module, optimizer)
+
+    def load_model_state_dict(self, checkpoint_dict: Mapping[str, Any], strict: bool = True) -> None:
+        checkpoint.load_full_model_state(self.lightning_module, dict(checkpoint_dict["state_dict"]), strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint_dict: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint_dict["optimizer_states"]):
+            checkpoint.load_full_optimizer_state(self.lightning_module, optimizer, state)
+
+    def teardown(self) -> None:
+        # A barrier before the process group goes away avoids a rare abort at exit on gloo.
+        self.barrier()
+        super().teardown()
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="Data x tensor x pipeline parallelism")

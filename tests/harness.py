@@ -1,0 +1,23 @@
+"""Runs parity specs for the tests; one-process references are computed once per session."""
+
+import functools
+import json
+from pathlib import Path
+
+from lightning_parallel import parity
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(spec: dict) -> dict:
+    return parity.run(spec, pythonpath=[str(REPO)])
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(key: str) -> dict:
+    return run(json.loads(key))
+
+
+def reference(spec: dict) -> dict:
+    """The one-process run of `spec` (its strategy and devices replaced)."""
+    return _reference(json.dumps({**spec, "strategy": None, "devices": 1}, sort_keys=True))

@@ -1,0 +1,74 @@
+"""Tiny models and data for the parity tests, named by import path in parity specs."""
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from examples.gpt import GPT
+
+
+def tiny_gpt(**overrides) -> GPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return GPT(**{**config, **overrides})
+
+
+def token_data(n_train=64, n_val=16, seq_len=16, vocab=64, seed=1234):
+    """Random token sequences whose target is the next token of a fixed permutation (learnable)."""
+    gen = torch.Generator().manual_seed(seed)
+    mapping = torch.randperm(vocab, generator=gen)
+
+    def split(n):
+        x = torch.randint(vocab, (n, seq_len), generator=gen)
+        return TensorDataset(x, mapping[x])
+
+    return split(n_train), split(n_val)
+
+
+class ResidualMLP(pl.LightningModule):
+    """A non-transformer: a residual MLP whose forward loops over an nn.Sequential of unequal blocks."""
+
+    def __init__(self, d_in=12, widths=(16, 48, 24, 16), d_out=4, lr=1e-2, optimizer="sgd"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.inp = nn.Linear(d_in, 16)
+        self.blocks = nn.Sequential(*[nn.Sequential(nn.LayerNorm(16), nn.Linear(16, w), nn.Tanh(), nn.Linear(w, 16)) for w in widths])
+        self.out = nn.Linear(16, d_out)
+        self.val_mse = torchmetrics.MeanSquaredError()
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        pred = self(x)
+        self.log("val_loss", F.mse_loss(pred, y), sync_dist=True)
+        self.val_mse(pred, y)
+        self.log("val_mse", self.val_mse)
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def regression_data(n_train=64, n_val=16, d_in=12, d_out=4, seed=4321):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_in, d_out, generator=gen)
+
+    def split(n):
+        x = torch.randn(n, d_in, generator=gen)
+        return TensorDataset(x, torch.sin(x @ w))
+
+    return split(n_train), split(n_val)
