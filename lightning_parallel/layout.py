@@ -80,12 +80,6 @@ class Layout:
     def world_size(self) -> int:
         return self.pp * self.dp * self.tp
 
-    def coordinates(self, rank: int) -> dict[str, int]:
-        """Mesh coordinates of a global rank (row-major over MESH_DIMS, as the mesh is built)."""
-        pp, rest = divmod(rank, self.dp * self.tp)
-        dp, tp = divmod(rest, self.tp)
-        return {"pp": pp, "dp": dp, "tp": tp}
-
     def build_mesh(self, device_type: str) -> DeviceMesh:
         return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
 
@@ -93,12 +87,13 @@ class Layout:
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
 
 
-def describe_ranks(layout: Layout, hosts: list[str]) -> str:
-    """One line per rank: its host and mesh coordinates. `hosts[r]` is rank r's host name."""
+def describe_ranks(layout: Layout, ranks: list[tuple[str, list[int]]]) -> str:
+    """One line per rank: its host and its coordinates in the mesh. `ranks[r]` is rank r's
+    (host name, mesh coordinate)."""
     lines = [f"HybridParallel layout {layout} on {layout.world_size} processes"]
-    for rank, host in enumerate(hosts):
-        coords = layout.coordinates(rank)
-        lines.append(f"  rank {rank:>3} on {host}: pp={coords['pp']} dp={coords['dp']} tp={coords['tp']}")
+    for rank, (host, coordinate) in enumerate(ranks):
+        where = " ".join(f"{dim}={index}" for dim, index in zip(MESH_DIMS, coordinate))
+        lines.append(f"  rank {rank:>3} on {host}: {where}")
     return "\n".join(lines)
 
 

@@ -150,9 +150,9 @@ class HybridParallel(ParallelStrategy):
         check_backend(self.backend, self.root_device)
         precision = getattr(self.precision_plugin, "precision", None)
         if precision not in SUPPORTED_PRECISION:
+            why = " (16-mixed needs a gradient scaler that knows sharded gradients)" if precision == "16-mixed" else ""
             raise LayoutError(
-                f"HybridParallel does not support precision={precision!r}: choose one of {SUPPORTED_PRECISION} "
-                "(bf16-mixed needs no gradient scaler, which sharded gradients would need for 16-mixed)."
+                f"HybridParallel does not support precision={precision!r}{why}: choose one of {SUPPORTED_PRECISION}."
             )
 
     def set_world_ranks(self) -> None:
@@ -170,9 +170,9 @@ class HybridParallel(ParallelStrategy):
         device_id = self.root_device if self.root_device.type == "cuda" else None
         _init_dist_connection(self.cluster_environment, backend, timeout=self.timeout, device_id=device_id)
         self._device_mesh = self.layout.build_mesh(self.root_device.type)
-        hosts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(hosts, socket.gethostname())
-        rank_zero_info(describe_ranks(self.layout, hosts))
+        ranks: list[Any] = [None] * self.world_size
+        dist.all_gather_object(ranks, (socket.gethostname(), self._device_mesh.get_coordinate()))
+        rank_zero_info(describe_ranks(self.layout, ranks))
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # as ModelParallelStrategy does
 

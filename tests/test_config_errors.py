@@ -1,0 +1,87 @@
+"""Bad configurations fail at once, on every rank, with a message naming the problem and the fix."""
+
+import subprocess
+import sys
+import textwrap
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_parallel import HybridParallel, Layout, LayoutError
+from lightning_parallel.layout import check_backend
+from tests.harness import REPO
+
+
+def trainer(devices=2, **kwargs):
+    return pl.Trainer(accelerator="cpu", devices=devices, logger=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"data_parallel": 0}, r"data_parallel must be >= 1, got 0\. Use 1 to turn"),
+        ({"pipeline_parallel": -2}, r"pipeline_parallel must be >= 1, got -2"),
+        ({"tensor_parallel": "2"}, r"tensor_parallel must be a positive int, got '2' \(str\)"),
+        ({"data_parallel": 2.0}, r"data_parallel must be a positive int or \"auto\", got 2\.0"),
+        ({"sharding": "zero3"}, r"sharding='zero3' is not one of \('none', 'full'\): use 'none' .* or 'full'"),
+    ],
+)
+def test_bad_arguments_fail_in_the_constructor(kwargs, message):
+    with pytest.raises(LayoutError, match=message):
+        HybridParallel(**kwargs)
+
+
+def test_degrees_must_tile_the_world():
+    with pytest.raises(LayoutError, match=r"1 x 2 x 1 = 2, but the world size \(devices x num_nodes\) is 3\. Make"):
+        trainer(devices=3, strategy=HybridParallel(data_parallel=2))
+
+
+def test_auto_needs_a_divisible_world():
+    with pytest.raises(LayoutError, match=r"world size 6 .* not divisible by tensor_parallel x pipeline_parallel = 4 x 1"):
+        Layout.resolve(6, "auto", tensor_parallel=4, pipeline_parallel=1)
+    assert Layout.resolve(8, "auto", tensor_parallel=2, pipeline_parallel=2) == Layout(pp=2, dp=2, tp=2)
+
+
+def test_nccl_on_cpu_is_refused():
+    with pytest.raises(LayoutError, match=r"backend='nccl' needs CUDA devices, but the accelerator is 'cpu'\. Use backend='gloo'"):
+        trainer(strategy=HybridParallel(backend="nccl"))
+
+
+@pytest.mark.parametrize(
+    "backend, device, message",
+    [
+        ("gloo", "cuda", r"backend='gloo' cannot run FSDP2's reduce-scatter on CUDA tensors\. Use backend='nccl'"),
+        (None, "mps", r"runs on CPU \(gloo\) and CUDA \(nccl\) devices, not on 'mps'"),
+        ("cpu:gloo", "cuda", r"names no backend for 'cuda' devices"),
+        ("smoke", "cpu", r"Unknown process-group backend 'smoke'"),
+    ],
+)
+def test_backend_and_device_mismatches(backend, device, message):
+    with pytest.raises(LayoutError, match=message):
+        check_backend(backend, torch.device(device))
+    check_backend("cpu:gloo,cuda:nccl", torch.device("cuda"))  # a composite backend is fine
+
+
+def test_unsupported_precision_is_refused():
+    with pytest.raises(LayoutError, match=r"does not support precision='64-true'"):
+        trainer(strategy=HybridParallel(), precision="64-true")
+
+
+def test_registered_with_lightning():
+    assert isinstance(trainer(strategy="hybrid").strategy, HybridParallel)
+
+
+def test_every_rank_fails_before_any_collective(tmp_path):
+    """Under torchrun each rank builds its own Trainer: all of them must raise, none may hang."""
+    script = tmp_path / "bad.py"
+    script.write_text(textwrap.dedent("""
+        import lightning.pytorch as pl
+        from lightning_parallel import HybridParallel
+        pl.Trainer(accelerator="cpu", devices=2, strategy=HybridParallel(data_parallel=3))
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert output.count("but the world size (devices x num_nodes) is 2") == 2, output[-3000:]
