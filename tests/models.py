@@ -72,3 +72,13 @@ def regression_data(n_train=64, n_val=16, d_in=12, d_out=4, seed=4321):
         return TensorDataset(x, torch.sin(x @ w))
 
     return split(n_train), split(n_val)
+
+
+def example_corpus(seq_len=32, n_train=64, n_val=32):
+    """The main job's byte corpus (examples/data.py), cut small."""
+    from torch.utils.data import Subset
+
+    from examples.data import make_datasets
+
+    train, val = make_datasets(seq_len=seq_len, max_train_samples=n_train)
+    return train, Subset(val, range(n_val))
