@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 # FSDP2's DDP lives in a private module in torch 2.13; it composes with DTensor tensor
 # parallelism, which torch.nn.parallel.DistributedDataParallel does not.
@@ -65,6 +66,13 @@ def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
             sub.set_requires_gradient_sync(enabled, recurse=False)
+
+
+def is_parallelized(module: nn.Module) -> bool:
+    """Whether some parallelism was already applied to `module` (DTensor parameters or FSDP2)."""
+    return any(isinstance(p, DTensor) for p in module.parameters()) or any(
+        isinstance(sub, FSDPModule) for sub in module.modules()
+    )
 
 
 def reshard(module: nn.Module) -> None:

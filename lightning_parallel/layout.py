@@ -6,6 +6,7 @@ configuration raises on every rank before any process group exists.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Union
 
@@ -81,7 +82,13 @@ class Layout:
         return self.pp * self.dp * self.tp
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
+        # Modules written for Lightning's ModelParallelStrategy ask for these names.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mesh["dp"]._flatten("data_parallel")
+            mesh["tp"]._flatten("tensor_parallel")
+        return mesh
 
     def __str__(self) -> str:
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"

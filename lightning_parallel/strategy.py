@@ -7,7 +7,7 @@ import socket
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 
 from lightning_parallel import checkpoint
@@ -35,10 +36,12 @@ from lightning_parallel.data_parallel import (
     StepRunner,
     apply_data_parallel,
     broadcast_module_state,
+    is_parallelized,
     reshard,
     set_gradient_sync,
 )
 from lightning_parallel.gradients import clip_grad_norm_
+from lightning_parallel.tensor_parallel import apply_tensor_parallel, format_plan, resolve_plan
 from lightning_parallel.layout import (
     Layout,
     LayoutError,
@@ -61,6 +64,12 @@ class HybridParallel(ParallelStrategy):
         pipeline_parallel: pipeline-parallel degree (outermost mesh dim).
         sharding: "none" replicates parameters and all-reduces gradients (DDP); "full" shards
             parameters, gradients and optimizer state over the data-parallel ranks (FSDP2).
+        tensor_plan: "auto" (the model's declared plan, else an inferred one), a dict of
+            module-name globs to style names, or a callable (module, tp_mesh).
+        sequence_parallel: run norms and dropouts between tensor-parallel regions on sequence
+            shards (needs an explicit plan that says where the sequence is split).
+        loss_parallel: keep the logits split over the vocabulary and compute the cross-entropy
+            on the shards (the head's style must be "colwise_gather_output").
         backend: process-group backend; default gloo on CPU, nccl on CUDA.
         timeout: seconds a collective may wait before the run fails (instead of hanging).
     """
@@ -73,6 +82,9 @@ class HybridParallel(ParallelStrategy):
         tensor_parallel: int = 1,
         pipeline_parallel: int = 1,
         sharding: str = "none",
+        tensor_plan: Union[str, dict, Callable] = "auto",
+        sequence_parallel: bool = False,
+        loss_parallel: bool = False,
         backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
         **strategy_kwargs: Any,
@@ -82,13 +94,15 @@ class HybridParallel(ParallelStrategy):
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
         check_sharding(sharding)
-        for name, degree in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
-            if degree > 1:
-                raise NotImplementedError(f"{name}={degree}: this release of HybridParallel supports data parallelism only.")
+        if pipeline_parallel > 1:
+            raise NotImplementedError(f"pipeline_parallel={pipeline_parallel}: pipelines are not in this release yet.")
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
         self.sharding = sharding
+        self.tensor_plan = dict(tensor_plan) if isinstance(tensor_plan, Mapping) else tensor_plan
+        self.sequence_parallel = bool(sequence_parallel)
+        self.loss_parallel = bool(loss_parallel)
         self.backend = backend
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self.num_nodes = 1
@@ -185,7 +199,6 @@ class HybridParallel(ParallelStrategy):
         if self._runner is None or self._runner.module is not module:
             module = self.precision_plugin.convert_module(module)
             self.model_to_device()
-            broadcast_module_state(module)
             self._runner = self._parallelize(module)
         self.model = self._runner if self._runner is not None else module
         self._set_metric_groups()
@@ -202,8 +215,30 @@ class HybridParallel(ParallelStrategy):
         self.lightning_module.to(self.root_device)
 
     def _parallelize(self, module) -> Optional[StepRunner]:
-        """Applies each form of parallelism in a fixed order; returns the step runner, if any."""
-        if self.layout.dp == 1:
+        """Applies each form of parallelism in a fixed order: tensor, then data.
+        Returns the module every step enters through when data parallelism needs one."""
+        if is_parallelized(module):
+            # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
+            rank_zero_info("HybridParallel: the module applied its own parallelism in configure_model; using it as is.")
+            return None
+        layout = self.layout
+        plan = None
+        if layout.tp > 1 and not callable(self.tensor_plan):
+            source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel)
+            if self.loss_parallel and "colwise_gather_output" not in plan.values():
+                raise LayoutError(
+                    "loss_parallel=True needs the output head in the plan with style 'colwise_gather_output' "
+                    "(its logits then stay split over the vocabulary)."
+                )
+            rank_zero_info(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
+        broadcast_module_state(module)
+        if layout.tp > 1:
+            tp_mesh = self.device_mesh["tp"]
+            if plan is None:
+                self.tensor_plan(module, tp_mesh)
+            else:
+                apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel)
+        if layout.dp == 1:
             return None
         runner = StepRunner(module)
         apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
@@ -225,22 +260,45 @@ class HybridParallel(ParallelStrategy):
         clip_grad_norm_(parameters, clip_val, pp_group=self.device_mesh["pp"].get_group())
 
     @contextmanager
+    def _loss_context(self) -> Generator[None, None, None]:
+        """Under loss_parallel the logits are vocabulary shards; cross-entropy (forward and
+        backward) must run inside DTensor's loss_parallel context to see them as one."""
+        if self.loss_parallel and self.layout.tp > 1:
+            with loss_parallel():
+                yield
+        else:
+            yield
+
+    def training_step(self, *args: Any, **kwargs: Any):
+        with self._loss_context():
+            return super().training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any):
+        with self._loss_context():
+            return super().validation_step(*args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any):
+        with self._loss_context():
+            return super().test_step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        with self._loss_context():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
         """No gradient reduction while Lightning accumulates gradients over micro-steps."""
-        if self._runner is None:
-            yield
-            return
-        set_gradient_sync(self._runner, False)
+        set_gradient_sync(self.model, False)
         try:
             yield
         finally:
-            set_gradient_sync(self._runner, True)
+            set_gradient_sync(self.model, True)
 
     def on_validation_end(self) -> None:
         # FSDP2 leaves the root's parameters gathered after a forward, expecting a backward;
         # after evaluation none comes, so shard them again to give the memory back.
-        if self._runner is not None:
-            reshard(self._runner)
+        if self.model is not None:
+            reshard(self.model)
 
     on_test_end = on_predict_end = on_validation_end
 

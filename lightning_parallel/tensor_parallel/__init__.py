@@ -1,0 +1,59 @@
+"""Tensor parallelism: choose a plan, check it, apply it with DTensor's `parallelize_module`.
+
+Plan sources, in order: an explicit `tensor_plan` (dict of globs to style names, or a callable
+(module, tp_mesh)); under "auto", the model's own declared plan (Hugging Face `_tp_plan`); else a
+plan inferred from structure where the math provably holds, or an error showing what to write.
+(A module that parallelizes itself in `configure_model` is left as it is: see strategy.py.)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import parallelize_module
+
+from lightning_parallel.layout import LayoutError
+from lightning_parallel.tensor_parallel.infer import infer_plan
+from lightning_parallel.tensor_parallel.plans import check_plan, declared_plan, expand, format_plan
+from lightning_parallel.tensor_parallel.styles import make_style
+
+PlanSource = Union[str, dict, Callable[[nn.Module, DeviceMesh], None]]
+
+
+def resolve_plan(module: nn.Module, tensor_plan: PlanSource, tp: int, sequence_parallel: bool) -> tuple[str, dict[str, str]]:
+    """(where the plan came from, concrete module name -> style), checked against the model.
+    Runs on every rank before any collective, so a bad plan fails everywhere alike."""
+    if isinstance(tensor_plan, dict):
+        source, plan = "given", expand(tensor_plan, module)
+    elif tensor_plan == "auto":
+        declared = declared_plan(module)
+        if declared is not None:
+            if sequence_parallel:
+                raise LayoutError(
+                    "sequence_parallel=True needs a tensor_plan that marks where the sequence is split "
+                    "('shard_sequence') and which norms run on sequence shards ('sequence_parallel'); "
+                    "the model's declared plan has neither. Pass tensor_plan explicitly."
+                )
+            source, plan = "declared by the model", expand(declared, module)
+        else:
+            if sequence_parallel:
+                raise LayoutError("sequence_parallel=True needs an explicit tensor_plan; 'auto' infers none.")
+            source, plan = "inferred", infer_plan(module)
+    else:
+        raise LayoutError(
+            f"tensor_plan must be 'auto', a dict of module-name globs to style names, or a callable "
+            f"(module, tp_mesh); got {tensor_plan!r}."
+        )
+    check_plan(plan, module, tp)
+    return source, plan
+
+
+def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str],
+                          sequence_parallel: bool, loss_parallel: bool) -> None:
+    for name, style in plan.items():
+        parallelize_module(module.get_submodule(name), tp_mesh, make_style(style, sequence_parallel, loss_parallel))
+
+
+__all__ = ["resolve_plan", "apply_tensor_parallel", "format_plan"]
