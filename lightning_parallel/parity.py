@@ -14,7 +14,8 @@ A spec is a plain dict (JSON):
     max_steps, seed       optimizer steps to train; seed for the module's initialization
     devices               number of processes
     strategy              None (one process, plain Lightning), a strategy name such as "ddp",
-                          or a dict of HybridParallel arguments
+                          or a dict of HybridParallel arguments; a dict with "class" (an import
+                          path) builds that strategy class instead
     trainer               extra Trainer arguments (accumulate_grad_batches, gradient_clip_val, ...)
     callbacks             extra callbacks by import path; a callback's `record` dict joins the record
     evaluate              extra stages to run after fit: "test" (records test_loss), "predict"
@@ -98,6 +99,8 @@ def _data_parallel_degree(spec: dict) -> int:
         return 1
     if isinstance(strategy, str):
         return spec["devices"]
+    if "class" in strategy:  # Lightning's ModelParallelStrategy
+        return strategy.get("data_parallel_size", spec["devices"])
     from lightning_parallel.layout import Layout
 
     return Layout.resolve(
@@ -132,6 +135,10 @@ def _elements_held(module: torch.nn.Module) -> int:
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
 
 
+def _numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def _worker(spec_file: str, out_file: str) -> None:
     import lightning.pytorch as pl
     import torch.distributed as dist
@@ -163,7 +170,9 @@ def _worker(spec_file: str, out_file: str) -> None:
 
     probes = [_load(path)() for path in spec.get("callbacks", [])]
     strategy = spec.get("strategy")
-    if isinstance(strategy, dict):
+    if isinstance(strategy, dict) and "class" in strategy:
+        strategy = _load(strategy["class"])(**{k: v for k, v in strategy.items() if k != "class"})
+    elif isinstance(strategy, dict):
         strategy = lightning_parallel.HybridParallel(**{"timeout": 120, **strategy})
     elif strategy is None:
         strategy = "auto"
@@ -187,7 +196,7 @@ def _worker(spec_file: str, out_file: str) -> None:
         record["predictions"] = torch.cat(trainer.predict(model, val_loader))
     for probe in probes:
         record.update(getattr(probe, "record", {}))
-    if isinstance(trainer.strategy, lightning_parallel.HybridParallel):
+    if isinstance(trainer.strategy, lightning_parallel.HybridParallel) or _elements_held(model) != _numel(model):
         params = checkpoint.full_model_state(model)
     else:
         params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 
@@ -323,6 +324,8 @@ class HybridParallel(ParallelStrategy):
         means (tensor and pipeline peers hold the same samples and must not be counted twice)."""
         if not isinstance(tensor, Tensor):
             return tensor
+        if isinstance(tensor, DTensor):  # e.g. a loss computed under loss_parallel
+            tensor = tensor.full_tensor()
         return _sync_ddp_if_available(tensor, group if group is not None else self._dp_group(), reduce_op=reduce_op)
 
     def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:

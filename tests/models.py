@@ -82,3 +82,75 @@ def example_corpus(seq_len=32, n_train=64, n_val=32):
 
     train, val = make_datasets(seq_len=seq_len, max_train_samples=n_train)
     return train, Subset(val, range(n_val))
+
+
+GPT_PLAN = {
+    "tok_emb": "embedding_rowwise",
+    "blocks.*.attn.q_proj": "colwise",
+    "blocks.*.attn.k_proj": "colwise",
+    "blocks.*.attn.v_proj": "colwise",
+    "blocks.*.attn.o_proj": "rowwise",
+    "blocks.*.mlp.fc1": "colwise",
+    "blocks.*.mlp.fc2": "rowwise",
+    "head": "colwise_gather_output",
+}
+# Sequence parallelism: the residual stream between tensor-parallel regions is split along the
+# sequence from the first block on; norms run on sequence shards.
+GPT_SP_PLAN = {
+    **{k: v for k, v in GPT_PLAN.items() if k != "tok_emb"},
+    "blocks.0": "shard_sequence",
+    "blocks.*.ln1": "sequence_parallel",
+    "blocks.*.ln2": "sequence_parallel",
+    "norm": "sequence_parallel",
+}
+
+
+class SelfParallelGPT(GPT):
+    """Written for Lightning's ModelParallelStrategy: parallelizes itself in configure_model."""
+
+    def configure_model(self):
+        from torch.distributed.tensor import DTensor
+
+        if self.device_mesh is None or isinstance(self.head.weight, DTensor) or isinstance(self.blocks[0].mlp.fc1.weight, DTensor):
+            return  # one process, or already parallelized (Lightning calls this hook again for validate)
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+                "attn.o_proj": RowwiseParallel(), "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()}
+        for block in self.blocks:
+            parallelize_module(block, self.device_mesh["tensor_parallel"], plan)
+
+
+def self_parallel_gpt(**overrides):
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return SelfParallelGPT(**{**config, **overrides})
+
+
+class TinyLlama(pl.LightningModule):
+    """A Hugging Face LlamaForCausalLM from a tiny config (random weights, nothing downloaded)."""
+
+    def __init__(self, vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, lr=1e-3):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.save_hyperparameters()
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             max_position_embeddings=64, attn_implementation="sdpa")
+        self.model = LlamaForCausalLM(config)
+
+    def _loss(self, batch):
+        x, y = batch
+        logits = self.model(input_ids=x).logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
