@@ -15,18 +15,22 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
+def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Groups tensors by the mesh they are spread over (None for plain tensors): torch's
+    foreach kernels take one kind at a time."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.device_mesh if isinstance(tensor, DTensor) else None, []).append(tensor)
+    return list(groups.values())
+
+
 def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, pp_group=None) -> torch.Tensor:
     """The global norm of all gradients (a replicated plain tensor, the same on every rank)."""
     norm_type = float(norm_type)
     parameters = list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_mesh: dict[object, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_mesh.setdefault(grad.device_mesh if isinstance(grad, DTensor) else None, []).append(grad)
-
     norms = []
-    for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type)
+    for grads in _by_mesh([p.grad for p in parameters if p.grad is not None]):
+        norm = torch.nn.utils.get_total_norm(grads, norm_type)
         # A DTensor norm is partial over the mesh; full_tensor() reduces it across ranks.
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if norms:
@@ -48,5 +52,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     """Scales all gradients in place so that their global norm is at most `max_norm`."""
     parameters = list(parameters)
     total = total_grad_norm(parameters, norm_type, pp_group)
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    for group in _by_mesh([p for p in parameters if p.grad is not None]):
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

@@ -225,12 +225,7 @@ class HybridParallel(ParallelStrategy):
         layout = self.layout
         plan = None
         if layout.tp > 1 and not callable(self.tensor_plan):
-            source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel)
-            if self.loss_parallel and "colwise_gather_output" not in plan.values():
-                raise LayoutError(
-                    "loss_parallel=True needs the output head in the plan with style 'colwise_gather_output' "
-                    "(its logits then stay split over the vocabulary)."
-                )
+            source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel, self.loss_parallel)
             rank_zero_info(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
         broadcast_module_state(module)
         if layout.tp > 1:

@@ -22,7 +22,9 @@ from lightning_parallel.tensor_parallel.styles import make_style
 PlanSource = Union[str, dict, Callable[[nn.Module, DeviceMesh], None]]
 
 
-def resolve_plan(module: nn.Module, tensor_plan: PlanSource, tp: int, sequence_parallel: bool) -> tuple[str, dict[str, str]]:
+def resolve_plan(
+    module: nn.Module, tensor_plan: PlanSource, tp: int, sequence_parallel: bool = False, loss_parallel: bool = False
+) -> tuple[str, dict[str, str]]:
     """(where the plan came from, concrete module name -> style), checked against the model.
     Runs on every rank before any collective, so a bad plan fails everywhere alike."""
     if isinstance(tensor_plan, dict):
@@ -47,6 +49,14 @@ def resolve_plan(module: nn.Module, tensor_plan: PlanSource, tp: int, sequence_p
             f"(module, tp_mesh); got {tensor_plan!r}."
         )
     check_plan(plan, module, tp)
+    sequence_styles = sorted({style for style in plan.values() if style in ("sequence_parallel", "shard_sequence")})
+    if sequence_styles and not sequence_parallel:
+        raise LayoutError(f"The plan uses {sequence_styles}, which need HybridParallel(sequence_parallel=True).")
+    if loss_parallel and "colwise_gather_output" not in plan.values():
+        raise LayoutError(
+            "loss_parallel=True needs the output head in the plan with style 'colwise_gather_output' "
+            "(its logits then stay split over the vocabulary)."
+        )
     return source, plan
 
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from lightning_parallel.data_parallel import data_parallel_units
 from lightning_parallel.layout import LayoutError
-from lightning_parallel.tensor_parallel.plans import format_plan
+from lightning_parallel.tensor_parallel.plans import fold_layer_index, format_plan
 
 ELEMENTWISE_MODULES = (
     nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity,
@@ -124,7 +124,7 @@ def _refusal(plan: dict[str, str], unproven: list[str]) -> str:
     for name in unproven:
         last = name.split(".")[-1]
         suggestion[name] = "colwise" if COLWISE_HINT.search(last) else "rowwise" if ROWWISE_HINT.search(last) else "colwise or rowwise?"
-    folded = sorted({".".join("*" if p.isdigit() else p for p in n.split(".")) for n in unproven})
+    folded = sorted({fold_layer_index(name) for name in unproven})
     return (
         "tensor_plan='auto' cannot prove that splitting these layers keeps the model's math, so it "
         f"splits nothing: {', '.join(folded)}. (Only Linear -> elementwise -> Linear chains in a "

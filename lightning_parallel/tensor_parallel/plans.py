@@ -7,6 +7,7 @@ matches exactly one component of a dotted name.
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Optional
 
 from torch import nn
@@ -111,11 +112,16 @@ def _head_problems(expanded: dict[str, str], module: nn.Module, tp: int) -> list
     return sorted(set(problems))
 
 
+def fold_layer_index(name: str) -> str:
+    """'blocks.3.mlp.fc1' -> 'blocks.*.mlp.fc1': the first number in a name is the layer index."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name, count=1)
+
+
 def format_plan(expanded: dict[str, str]) -> str:
     """The plan as YAML lines, with numbered layers folded into '*'."""
     by_glob: dict[str, dict[str, str]] = {}
     for name, style in expanded.items():
-        glob = ".".join("*" if part.isdigit() else part for part in name.split("."))
+        glob = fold_layer_index(name)
         by_glob.setdefault(glob, {})[name] = style
     lines = []
     for glob, members in by_glob.items():

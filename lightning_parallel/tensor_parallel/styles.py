@@ -61,8 +61,6 @@ def make_style(style: str, sequence_parallel: bool, loss_parallel: bool = False)
     if style == "rowwise_split_input":
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
     if style == "sequence_parallel":
-        if not sequence_parallel:
-            raise LayoutError("The plan uses 'sequence_parallel', which needs HybridParallel(sequence_parallel=True).")
         return SequenceParallel()
     if style == "shard_sequence":
         return PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(SEQ,), use_local_output=True)
