@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -24,8 +25,22 @@ _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 
 
-def full_model_state(module: nn.Module) -> dict[str, Any]:
-    return get_model_state_dict(module, options=_GATHER)
+def full_model_state(module: nn.Module, pp_group=None) -> dict[str, Any]:
+    """Every parameter and buffer as a full CPU tensor under its own name, on every rank.
+    Collective over the data/tensor groups (DTensor gathers) and the pipeline group (each
+    stage contributes what it holds; other stages' tensors sit on the meta device)."""
+    state = {}
+    for name, value in module.state_dict().items():
+        if value.is_meta:
+            continue
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        state[name] = value.detach().cpu().clone()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        parts: list[Any] = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(parts, state, group=pp_group)
+        state = {name: value for part in parts for name, value in part.items()}
+    return state
 
 
 def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:

@@ -38,11 +38,11 @@ class StepRunner(nn.Module):
 
 def data_parallel_units(module: nn.Module) -> list[nn.Module]:
     """The modules that get their own FSDP2 group: the parameter-holding elements of every
-    ModuleList/Sequential (the repeated blocks), outermost first; nothing inside a unit."""
+    ModuleList/Sequential/ModuleDict (the repeated blocks), outermost first; nothing inside a unit."""
     units: list[nn.Module] = []
 
     def visit(parent: nn.Module) -> None:
-        is_container = isinstance(parent, (nn.ModuleList, nn.Sequential))
+        is_container = isinstance(parent, (nn.ModuleList, nn.Sequential, nn.ModuleDict))
         for child in parent.children():
             if is_container and any(True for _ in child.parameters()):
                 units.append(child)
@@ -53,12 +53,13 @@ def data_parallel_units(module: nn.Module) -> list[nn.Module]:
     return units
 
 
-def apply_data_parallel(runner: StepRunner, dp_mesh: DeviceMesh, sharding: str) -> None:
-    """Wraps each block, then the runner as the root, with `replicate` or `fully_shard` over dp."""
+def apply_data_parallel(root: nn.Module, dp_mesh: DeviceMesh, sharding: str) -> None:
+    """Wraps each block, then `root` (the module every step enters through: the step runner,
+    or a pipeline stage), with `replicate` or `fully_shard` over dp."""
     wrap = fully_shard if sharding == "full" else replicate
-    for unit in data_parallel_units(runner.module):
+    for unit in data_parallel_units(root):
         wrap(unit, mesh=dp_mesh)
-    wrap(runner, mesh=dp_mesh)
+    wrap(root, mesh=dp_mesh)
 
 
 def set_gradient_sync(module: nn.Module, enabled: bool) -> None:

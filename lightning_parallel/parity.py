@@ -132,7 +132,8 @@ def _loaders(spec: dict, train_ds, val_ds):
 def _elements_held(module: torch.nn.Module) -> int:
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters())
+    # Parameters of other pipeline stages sit on the meta device: they hold nothing.
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters() if not p.is_meta)
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -196,7 +197,9 @@ def _worker(spec_file: str, out_file: str) -> None:
         record["predictions"] = torch.cat(trainer.predict(model, val_loader))
     for probe in probes:
         record.update(getattr(probe, "record", {}))
-    if isinstance(trainer.strategy, lightning_parallel.HybridParallel) or _elements_held(model) != _numel(model):
+    if isinstance(trainer.strategy, lightning_parallel.HybridParallel):
+        params = trainer.strategy.full_state_dict()
+    elif _elements_held(model) != _numel(model):
         params = checkpoint.full_model_state(model)
     else:
         params = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

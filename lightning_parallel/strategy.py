@@ -42,6 +42,9 @@ from lightning_parallel.data_parallel import (
     set_gradient_sync,
 )
 from lightning_parallel.gradients import clip_grad_norm_
+from lightning_parallel.pipeline import PipelineRunner, check_schedule, split_model
+from lightning_parallel.pipeline.schedules import stages_of_rank
+from lightning_parallel.pipeline.split import drop_other_stages_params
 from lightning_parallel.tensor_parallel import apply_tensor_parallel, format_plan, resolve_plan
 from lightning_parallel.layout import (
     Layout,
@@ -71,6 +74,12 @@ class HybridParallel(ParallelStrategy):
             shards (needs an explicit plan that says where the sequence is split).
         loss_parallel: keep the logits split over the vocabulary and compute the cross-entropy
             on the shards (the head's style must be "colwise_gather_output").
+        micro_batches: micro-batches each data-parallel rank's batch is cut into under
+            pipeline parallelism (default 2 x pipeline_parallel).
+        schedule: pipeline schedule: "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs",
+            "zero_bubble", "zbv" or "dualpipev".
+        pipeline_split: "auto" (stages balanced by measured cost) or the names of the trunk
+            layers that begin stages 1, 2, ... (e.g. ["blocks.2"]).
         backend: process-group backend; default gloo on CPU, nccl on CUDA.
         timeout: seconds a collective may wait before the run fails (instead of hanging).
     """
@@ -86,6 +95,9 @@ class HybridParallel(ParallelStrategy):
         tensor_plan: Union[str, dict, Callable] = "auto",
         sequence_parallel: bool = False,
         loss_parallel: bool = False,
+        micro_batches: Optional[int] = None,
+        schedule: str = "1f1b",
+        pipeline_split: Union[str, list] = "auto",
         backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
         **strategy_kwargs: Any,
@@ -95,8 +107,10 @@ class HybridParallel(ParallelStrategy):
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
         check_sharding(sharding)
-        if pipeline_parallel > 1:
-            raise NotImplementedError(f"pipeline_parallel={pipeline_parallel}: pipelines are not in this release yet.")
+        micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
+        self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
+        if pipeline_split != "auto" and (isinstance(pipeline_split, str) or not all(isinstance(n, str) for n in pipeline_split)):
+            raise LayoutError(f"pipeline_split must be 'auto' or a list of layer names, got {pipeline_split!r}.")
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
@@ -104,12 +118,17 @@ class HybridParallel(ParallelStrategy):
         self.tensor_plan = dict(tensor_plan) if isinstance(tensor_plan, Mapping) else tensor_plan
         self.sequence_parallel = bool(sequence_parallel)
         self.loss_parallel = bool(loss_parallel)
+        self.micro_batches = micro_batches
+        self.schedule = schedule
+        self.pipeline_split = pipeline_split if pipeline_split == "auto" else list(pipeline_split)
         self.backend = backend
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self.num_nodes = 1
         self._layout: Optional[Layout] = None
         self._device_mesh: Optional[DeviceMesh] = None
         self._runner: Optional[StepRunner] = None
+        self._pipeline: Optional[PipelineRunner] = None
+        self._parallelized_module = None
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -197,16 +216,19 @@ class HybridParallel(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        if self._runner is None or self._runner.module is not module:
+        if not self._parallelized_module is module:
             module = self.precision_plugin.convert_module(module)
             self.model_to_device()
-            self._runner = self._parallelize(module)
+            self._runner = self._parallelize(module, trainer)
+            self._parallelized_module = module
         self.model = self._runner if self._runner is not None else module
         self._set_metric_groups()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
+            if self._pipeline is not None:
+                drop_other_stages_params(self.optimizers)
         self.setup_precision_plugin()
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
@@ -215,8 +237,8 @@ class HybridParallel(ParallelStrategy):
         assert self.lightning_module is not None
         self.lightning_module.to(self.root_device)
 
-    def _parallelize(self, module) -> Optional[StepRunner]:
-        """Applies each form of parallelism in a fixed order: tensor, then data.
+    def _parallelize(self, module, trainer) -> Optional[StepRunner]:
+        """Applies each form of parallelism in a fixed order: pipeline split, tensor, data.
         Returns the module every step enters through when data parallelism needs one."""
         if is_parallelized(module):
             # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
@@ -228,17 +250,50 @@ class HybridParallel(ParallelStrategy):
             source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel, self.loss_parallel)
             rank_zero_info(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
         broadcast_module_state(module)
+
+        split = None
+        if layout.pp > 1:
+            step, batch = self._probe(trainer)
+            pp_mesh = self.device_mesh["pp"]
+            split = split_model(module, step, batch, layout.pp, pp_mesh.get_local_rank(), self._schedule_spec,
+                                self.micro_batches, self.pipeline_split)
+            rank_zero_info(split.report)
+
         if layout.tp > 1:
             tp_mesh = self.device_mesh["tp"]
             if plan is None:
                 self.tensor_plan(module, tp_mesh)
             else:
-                apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel)
+                owned = split.owned_names if split else None
+                apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel, owned)
+
+        if split is not None:
+            if layout.dp > 1:
+                for stage in split.stage_modules:
+                    apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
+            pp_mesh = self.device_mesh["pp"]
+            last_rank = next(r for r in range(layout.pp) if split.num_stages - 1 in stages_of_rank(self._schedule_spec, r, layout.pp))
+            self._pipeline = PipelineRunner(module, split.stage_modules, split.stage_ids, split.num_stages, self._schedule_spec,
+                                            self.micro_batches, pp_mesh.get_group(), self.root_device, last_rank)
+            return None
         if layout.dp == 1:
             return None
         runner = StepRunner(module)
         apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
         return runner
+
+    def _probe(self, trainer):
+        """A batch and the step that will consume it, to trace and profile the model with."""
+        step, loop = {
+            TrainerFn.FITTING: ("training_step", trainer.fit_loop),
+            TrainerFn.VALIDATING: ("validation_step", trainer.validate_loop),
+            TrainerFn.TESTING: ("test_step", trainer.test_loop),
+            TrainerFn.PREDICTING: ("predict_step", trainer.predict_loop),
+        }[trainer.state.fn]
+        loader = loop._data_source.dataloader()
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        return step, self.batch_to_device(next(iter(loader)))
 
     def _set_metric_groups(self) -> None:
         """torchmetrics sync over the data-parallel group, where each sample is counted once."""
@@ -266,18 +321,39 @@ class HybridParallel(ParallelStrategy):
             yield
 
     def training_step(self, *args: Any, **kwargs: Any):
+        if self._pipeline is not None:
+            batch, batch_idx = (*args, *kwargs.values())[:2]
+            with self.precision_plugin.train_step_context(), self._loss_context():
+                return self._pipeline.train_step(batch, batch_idx, self.lightning_module.trainer.accumulate_grad_batches)
         with self._loss_context():
             return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any):
-        with self._loss_context():
-            return super().validation_step(*args, **kwargs)
+        return self._eval_step("validation_step", super().validation_step, self.precision_plugin.val_step_context, args, kwargs)
 
     def test_step(self, *args: Any, **kwargs: Any):
-        with self._loss_context():
-            return super().test_step(*args, **kwargs)
+        return self._eval_step("test_step", super().test_step, self.precision_plugin.test_step_context, args, kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any):
+        return self._eval_step("predict_step", super().predict_step, self.precision_plugin.predict_step_context, args, kwargs)
+
+    def _eval_step(self, name, default_step, precision_context, args, kwargs):
+        if self._pipeline is None:
+            with self._loss_context():
+                return default_step(*args, **kwargs)
+        with precision_context(), self._loss_context():
+            return self._pipeline.eval_step(name, *args, *kwargs.values())
 
     def backward(self, closure_loss: Tensor, optimizer, *args: Any, **kwargs: Any) -> Tensor:
+        if self._pipeline is not None:
+            # The schedule ran every micro-batch's backward inside training_step; Lightning's
+            # hooks around backward still run.
+            self.pre_backward(closure_loss)
+            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+            self._pipeline.restore_gradients()
+            closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+            self.post_backward(closure_loss)
+            return closure_loss
         with self._loss_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
@@ -337,7 +413,17 @@ class HybridParallel(ParallelStrategy):
     # ----------------------------------------------------------------- checkpoints
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        return checkpoint.full_model_state(self.lightning_module)
+        if self._pipeline is not None:
+            raise NotImplementedError(
+                "Checkpoints under pipeline_parallel > 1 are not written yet (each rank holds only its stages); "
+                "run with enable_checkpointing=False for now."
+            )
+        return self.full_state_dict()
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole model's parameters and buffers as full CPU tensors, under the model's own
+        names, on every rank, whatever the layout. Every rank must call it."""
+        return checkpoint.full_model_state(self.lightning_module, self.device_mesh["pp"].get_group())
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):
@@ -354,7 +440,15 @@ class HybridParallel(ParallelStrategy):
     def teardown(self) -> None:
         # A barrier before the process group goes away avoids a rare abort at exit on gloo.
         self.barrier()
-        super().teardown()
+        if self._pipeline is None:
+            super().teardown()
+            return
+        # Other stages' parameters sit on the meta device and cannot move to the CPU.
+        assert self.cluster_environment is not None and self.accelerator is not None
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:

@@ -61,8 +61,11 @@ def resolve_plan(
 
 
 def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str],
-                          sequence_parallel: bool, loss_parallel: bool) -> None:
+                          sequence_parallel: bool, loss_parallel: bool, only: list[str] | None = None) -> None:
+    """Applies the plan; with `only` (the modules of this rank's pipeline stages), to those alone."""
     for name, style in plan.items():
+        if only is not None and name not in only:
+            continue
         parallelize_module(module.get_submodule(name), tp_mesh, make_style(style, sequence_parallel, loss_parallel))
 
 

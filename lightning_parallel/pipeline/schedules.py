@@ -1,0 +1,61 @@
+"""Pipeline schedules by name: torch.distributed.pipelining's classes, where each rank's stages
+sit, and the micro-batch counts each schedule needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed import pipelining
+
+from lightning_parallel.layout import LayoutError
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    cls_name: str
+    stages_per_rank: int  # virtual stages a rank holds
+    v_shape: bool  # rank r holds stages r and 2P-1-r (else looped: r, r+P, ...)
+    min_microbatches_per_rank: int  # M >= this x P
+
+
+SCHEDULES = {
+    "gpipe": ScheduleSpec("ScheduleGPipe", 1, False, 0),
+    "1f1b": ScheduleSpec("Schedule1F1B", 1, False, 1),
+    "interleaved_1f1b": ScheduleSpec("ScheduleInterleaved1F1B", 2, False, 1),
+    "looped_bfs": ScheduleSpec("ScheduleLoopedBFS", 2, False, 0),
+    "zero_bubble": ScheduleSpec("ScheduleInterleavedZeroBubble", 2, False, 1),
+    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, True, 1),
+    "dualpipev": ScheduleSpec("ScheduleDualPipeV", 2, True, 2),
+}
+
+
+def check_schedule(name: str, pp: int, micro_batches: int) -> ScheduleSpec:
+    if name not in SCHEDULES:
+        raise LayoutError(f"Unknown pipeline schedule {name!r}: choose one of {', '.join(SCHEDULES)}.")
+    spec = SCHEDULES[name]
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise LayoutError(f"micro_batches must be a positive int, got {micro_batches!r}.")
+    needed = spec.min_microbatches_per_rank * pp
+    if micro_batches < needed:
+        raise LayoutError(
+            f"schedule={name!r} with pipeline_parallel={pp} needs micro_batches >= {needed}, got {micro_batches}. "
+            f"Raise micro_batches (each rank's batch must divide into them) or pick schedule='gpipe'."
+        )
+    return spec
+
+
+def stages_of_rank(spec: ScheduleSpec, rank: int, pp: int) -> list[int]:
+    if spec.stages_per_rank == 1:
+        return [rank]
+    if spec.v_shape:
+        return [rank, 2 * pp - 1 - rank]
+    return [rank + k * pp for k in range(spec.stages_per_rank)]
+
+
+def build_schedule(spec: ScheduleSpec, stages: list, micro_batches: int, loss_fn):
+    cls = getattr(pipelining, spec.cls_name)
+    # Losses are scaled by 1/micro_batches in loss_fn, so gradients accumulated over several
+    # steps (Lightning's accumulate_grad_batches) are not divided again.
+    if spec.stages_per_rank == 1:
+        return cls(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
+    return cls(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
