@@ -22,7 +22,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_parallel.layout import LayoutError
-from lightning_parallel.pipeline.schedules import build_schedule
+from lightning_parallel.pipeline.schedules import build_eval_schedule, build_schedule
 from lightning_parallel.pipeline.split import StageModule
 
 REDUCERS = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
@@ -149,6 +149,7 @@ class PipelineRunner:
         ]
         self._loss_fn = None
         self.schedule = build_schedule(spec, self.stages, micro_batches, self._call_loss_fn)
+        self.eval_schedule = build_eval_schedule(spec, self.stages, micro_batches, self._call_loss_fn)
         self.parameters = [p for sm in stage_modules for p in sm.parameters()]
         self._set_aside: list = []
 
@@ -202,7 +203,7 @@ class PipelineRunner:
         self._loss_fn = lambda output, index: output.new_zeros(()) if isinstance(output, torch.Tensor) else torch.zeros(())
         target = torch.arange(self.micro_batches, device=self.device) if self.has_last else None
         with torch.inference_mode(False), torch.no_grad():
-            output = self.schedule.eval(*args, target=target, **kwargs)
+            output = self.eval_schedule.eval(*args, target=target, **kwargs)
         records, result = [], None
         if self.has_last:
             with collecting_logs(self.module, records), output_standing_in(self.module, output):

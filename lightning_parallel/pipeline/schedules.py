@@ -52,6 +52,28 @@ def stages_of_rank(spec: ScheduleSpec, rank: int, pp: int) -> list[int]:
     return [rank + k * pp for k in range(spec.stages_per_rank)]
 
 
+def build_eval_schedule(spec: ScheduleSpec, stages: list, micro_batches: int, loss_fn):
+    """The schedule that runs evaluation (forward only). In torch 2.13, `eval()` on the V-shaped
+    schedules still executes their backward actions and fails; for those, a second instance
+    keeps only the forward actions (and their sends and receives) of its lowered order, in
+    their order. Dropping actions only removes waits, so the order stays deadlock-free."""
+    schedule = build_schedule(spec, stages, micro_batches, loss_fn)
+    if spec.v_shape:
+        from torch.distributed.pipelining.schedules import _ComputationType as Op
+
+        keep = {Op.FORWARD, Op.SEND_F, Op.RECV_F, Op.UNSHARD, Op.RESHARD}
+
+        def forward_part(action):  # DualPipeV fuses a forward and a backward into one action
+            parts = action.sub_actions if action.computation_type == Op.OVERLAP_F_B else [action]
+            return [a for a in parts if a.computation_type in keep]
+
+        schedule.pipeline_order_with_comms = {
+            rank: [part for a in actions if a is not None for part in forward_part(a)]
+            for rank, actions in schedule.pipeline_order_with_comms.items()
+        }
+    return schedule
+
+
 def build_schedule(spec: ScheduleSpec, stages: list, micro_batches: int, loss_fn):
     cls = getattr(pipelining, spec.cls_name)
     # Losses are scaled by 1/micro_batches in loss_fn, so gradients accumulated over several
