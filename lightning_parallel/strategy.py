@@ -129,6 +129,7 @@ class HybridParallel(ParallelStrategy):
         self._runner: Optional[StepRunner] = None
         self._pipeline: Optional[PipelineRunner] = None
         self._parallelized_module = None
+        self._metric_group = None
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -296,12 +297,17 @@ class HybridParallel(ParallelStrategy):
         return step, self.batch_to_device(next(iter(loader)))
 
     def _set_metric_groups(self) -> None:
-        """torchmetrics sync over the data-parallel group, where each sample is counted once."""
+        """torchmetrics sync over the data-parallel group, where each sample is counted once.
+        Under pipeline parallelism only the last stage updates metrics; the group then spans the
+        stages too, so every rank (rank 0 included) computes the value from the last stage's states."""
         try:
             from torchmetrics import Metric
         except ImportError:
             return
-        group = self.device_mesh["dp"].get_group()
+        if self._metric_group is None:
+            mesh = self.device_mesh["pp", "dp"]._flatten("pp_dp") if self.layout.pp > 1 else self.device_mesh["dp"]
+            self._metric_group = mesh.get_group()
+        group = self._metric_group
         for sub in self.lightning_module.modules():
             if isinstance(sub, Metric):
                 sub.process_group = group

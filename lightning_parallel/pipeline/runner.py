@@ -68,14 +68,6 @@ def output_standing_in(module, output):
 @contextmanager
 def collecting_logs(module, records: list):
     def log(name, value, *args, **kwargs):
-        from torchmetrics import Metric
-
-        if isinstance(value, Metric):
-            raise LayoutError(
-                f"self.log({name!r}, <torchmetrics {type(value).__name__}>) inside a step is not supported under "
-                "pipeline_parallel yet: the metric lives on the last stage only. Log its value "
-                "(metric(preds, target)) as a tensor instead."
-            )
         records.append((name, value, args, kwargs))
 
     module.log = log
@@ -85,22 +77,31 @@ def collecting_logs(module, records: list):
         del module.log
 
 
-def combine_logs(records: list) -> list[tuple[str, float, tuple, dict]]:
-    """One entry per name: the micro-batches' values combined with the name's reduce_fx."""
+def combine_logs(records: list, module) -> list[tuple[str, object, tuple, dict]]:
+    """One entry per name: the micro-batches' values combined with the name's reduce_fx.
+    A torchmetrics Metric travels as its attribute name: every stage logs its own copy, whose
+    sync group spans the stages (the other stages' copies hold empty states)."""
+    from torchmetrics import Metric
+
     by_name: dict[str, list] = {}
     for name, value, args, kwargs in records:
         by_name.setdefault(name, []).append((value, args, kwargs))
     combined = []
     for name, calls in by_name.items():
-        args, kwargs = calls[-1][1], dict(calls[-1][2])
+        value, args, kwargs = calls[-1][0], calls[-1][1], dict(calls[-1][2])
         kwargs.pop("sync_dist_group", None)  # a process group does not travel; our dp group is the default
+        if isinstance(value, Metric):
+            attribute = next((n for n, m in module.named_modules() if m is value), None)
+            if attribute is None:
+                raise LayoutError(f"self.log({name!r}, metric): under pipeline_parallel the metric must be an attribute of the module.")
+            combined.append((name, ("metric", attribute), args, kwargs))
+            continue
         reduce_fx = kwargs.get("reduce_fx", "mean")
         reduce = REDUCERS.get(reduce_fx, reduce_fx) if isinstance(reduce_fx, str) else reduce_fx
         values = torch.stack([torch.as_tensor(v).detach().float().cpu() for v, _, _ in calls])
-        value = reduce(values)
         if "batch_size" in kwargs:
             kwargs["batch_size"] = sum(c[2].get("batch_size", 0) for c in calls)
-        combined.append((name, float(value), args, kwargs))
+        combined.append((name, float(reduce(values)), args, kwargs))
     return combined
 
 
@@ -212,9 +213,13 @@ class PipelineRunner:
         return result
 
     def _share_and_log(self, loss, records):
-        payload = [(loss, combine_logs(records))]
+        payload = [(loss, combine_logs(records, self.module))]
         dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank)
         loss, logs = payload[0]
         for name, value, args, kwargs in logs:
-            self.module.log(name, torch.tensor(value, device=self.device), *args, **kwargs)
+            if isinstance(value, tuple):  # ("metric", attribute)
+                value = self.module.get_submodule(value[1])
+            else:
+                value = torch.tensor(value, device=self.device)
+            self.module.log(name, value, *args, **kwargs)
         return None if loss is None else torch.tensor(loss, device=self.device)
