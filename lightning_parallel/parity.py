@@ -169,6 +169,20 @@ def _worker(spec_file: str, out_file: str) -> None:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             record["losses"].append(float(trainer.callback_metrics["train_loss"]))
 
+        def on_train_end(self, trainer, module):
+            from torch.distributed.tensor import DTensor
+
+            held = sum(
+                (v.to_local() if isinstance(v, DTensor) else v).numel()
+                for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0
+            )
+            if dist.is_initialized():
+                per_rank: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(per_rank, held)
+                held = per_rank
+            record["optimizer_elements"] = held if isinstance(held, list) else [held]
+
     probes = [_load(path)() for path in spec.get("callbacks", [])]
     strategy = spec.get("strategy")
     if isinstance(strategy, dict) and "class" in strategy:
