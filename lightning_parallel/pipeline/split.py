@@ -109,6 +109,8 @@ def plan_stages(module: nn.Module, graph: fx.Graph, trunk: str, block_stage: lis
         is_module = isinstance(_resolve(module, name), nn.Module)
         (owned_modules if is_module else owned_attrs)[stage].append(name)
 
+    _check_no_shared_parameters(module, owned_modules)
+
     inputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     for s in range(num_stages - 1):
@@ -128,6 +130,23 @@ def plan_stages(module: nn.Module, graph: fx.Graph, trunk: str, block_stage: lis
                 "receives the model's inputs. Use the inputs before the trunk, or pass them through the layers."
             )
     return plan
+
+
+def _check_no_shared_parameters(module: nn.Module, owned_modules: list[list[str]]) -> None:
+    """A parameter registered in two modules (tied weights) must not be split between stages."""
+    holder: dict[int, tuple[int, str]] = {}
+    for stage, names in enumerate(owned_modules):
+        for name in names:
+            for pname, param in module.get_submodule(name).named_parameters():
+                where = f"{name}.{pname}"
+                if id(param) in holder and holder[id(param)][0] != stage:
+                    other_stage, other = holder[id(param)]
+                    raise LayoutError(
+                        f"{other!r} (stage {other_stage}) and {where!r} (stage {stage}) are one tied weight, such as tied "
+                        "input and output embeddings. Stages cannot share parameters: untie them, or choose a "
+                        "pipeline_split that keeps both on one stage."
+                    )
+                holder.setdefault(id(param), (stage, where))
 
 
 def _resolve(module: nn.Module, target: str):
