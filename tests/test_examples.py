@@ -28,9 +28,10 @@ def test_main_job_prints_layout_and_loss_falls():
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
-    assert "HybridParallel layout pp=1 x dp=2 x tp=2 on 4 processes" in output
-    assert re.search(r"rank +2 on \S+: pp=0 dp=1 tp=0", output)
+    assert "HybridParallel layout pp=2 x dp=1 x tp=2 on 4 processes" in output
+    assert re.search(r"rank +2 on \S+: pp=1 dp=0 tp=0", output)
     assert "Tensor-parallel plan (given), tp=2:" in output
+    assert "Pipeline split (balanced by measured cost), 2 stages:" in output
     curve = re.search(r"train_loss by step: (.*)", output).group(1)
     losses = [float(point.split(": ")[1]) for point in curve.split(", ")]
     assert losses and losses[-1] < losses[0] - 1.0, losses
@@ -38,9 +39,9 @@ def test_main_job_prints_layout_and_loss_falls():
 
 def test_main_job_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "examples/train.py",
-           "trainer.max_steps=3", "model.n_layers=1"]
+           "trainer.max_steps=3", "model.n_layers=2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
-    assert "HybridParallel layout pp=1 x dp=2 x tp=2 on 4 processes" in output
+    assert "HybridParallel layout pp=2 x dp=1 x tp=2 on 4 processes" in output
     assert "`Trainer.fit` stopped: `max_steps=3` reached." in output
