@@ -42,8 +42,7 @@ from lightning_parallel.data_parallel import (
     set_gradient_sync,
 )
 from lightning_parallel.gradients import clip_grad_norm_
-from lightning_parallel.pipeline import PipelineRunner, check_schedule, split_model
-from lightning_parallel.pipeline.schedules import stages_of_rank
+from lightning_parallel.pipeline import PipelineRunner, SplitModel, check_schedule, split_model
 from lightning_parallel.pipeline.split import drop_other_stages_params
 from lightning_parallel.tensor_parallel import apply_tensor_parallel, format_plan, resolve_plan
 from lightning_parallel.layout import (
@@ -109,6 +108,11 @@ class HybridParallel(ParallelStrategy):
         check_sharding(sharding)
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
+        if pipeline_parallel > 1 and callable(tensor_plan):
+            raise LayoutError(
+                "A callable tensor_plan parallelizes the whole module, but under pipeline_parallel each rank holds "
+                "only its stages: give the plan as a dict of module-name globs to styles."
+            )
         if pipeline_split != "auto" and (isinstance(pipeline_split, str) or not all(isinstance(n, str) for n in pipeline_split)):
             raise LayoutError(f"pipeline_split must be 'auto' or a list of layer names, got {pipeline_split!r}.")
         self.data_parallel = data_parallel
@@ -217,7 +221,7 @@ class HybridParallel(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
-        if not self._parallelized_module is module:
+        if self._parallelized_module is not module:
             module = self.precision_plugin.convert_module(module)
             self.model_to_device()
             self._runner = self._parallelize(module, trainer)
@@ -240,7 +244,8 @@ class HybridParallel(ParallelStrategy):
 
     def _parallelize(self, module, trainer) -> Optional[StepRunner]:
         """Applies each form of parallelism in a fixed order: pipeline split, tensor, data.
-        Returns the module every step enters through when data parallelism needs one."""
+        Returns the module every step enters through when data parallelism needs one.
+        Every check runs before the first collective (the broadcast of rank 0's weights)."""
         if is_parallelized(module):
             # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
             rank_zero_info("HybridParallel: the module applied its own parallelism in configure_model; using it as is.")
@@ -252,14 +257,7 @@ class HybridParallel(ParallelStrategy):
             rank_zero_info(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
         broadcast_module_state(module)
 
-        split = None
-        if layout.pp > 1:
-            step, batch = self._probe(trainer)
-            pp_mesh = self.device_mesh["pp"]
-            split = split_model(module, step, batch, layout.pp, pp_mesh.get_local_rank(), self._schedule_spec,
-                                self.micro_batches, self.pipeline_split)
-            rank_zero_info(split.report)
-
+        split = self._split(module, trainer) if layout.pp > 1 else None
         if layout.tp > 1:
             tp_mesh = self.device_mesh["tp"]
             if plan is None:
@@ -269,19 +267,23 @@ class HybridParallel(ParallelStrategy):
                 apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel, owned)
 
         if split is not None:
-            if layout.dp > 1:
-                for stage in split.stage_modules:
-                    apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
-            pp_mesh = self.device_mesh["pp"]
-            last_rank = next(r for r in range(layout.pp) if split.num_stages - 1 in stages_of_rank(self._schedule_spec, r, layout.pp))
-            self._pipeline = PipelineRunner(module, split.stage_modules, split.stage_ids, split.num_stages, self._schedule_spec,
-                                            self.micro_batches, pp_mesh.get_group(), self.root_device, last_rank)
+            for stage in split.stage_modules if layout.dp > 1 else []:
+                apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
+            self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
+                                            self.device_mesh["pp"].get_group(), self.root_device)
             return None
         if layout.dp == 1:
             return None
         runner = StepRunner(module)
         apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
         return runner
+
+    def _split(self, module, trainer) -> SplitModel:
+        step, batch = self._probe(trainer)
+        split = split_model(module, step, batch, self.layout.pp, self.device_mesh["pp"].get_local_rank(),
+                            self._schedule_spec, self.micro_batches, self.pipeline_split)
+        rank_zero_info(split.report)
+        return split
 
     def _probe(self, trainer):
         """A batch and the step that will consume it, to trace and profile the model with."""

@@ -25,6 +25,7 @@ def split(module, pp=2, schedule="1f1b", micro_batches=4, pipeline_split="auto",
         ({"pipeline_parallel": 2, "schedule": "dualpipev", "micro_batches": 3}, r"'dualpipev' with pipeline_parallel=2 needs micro_batches >= 4"),
         ({"pipeline_parallel": 2, "micro_batches": 0}, r"micro_batches must be a positive int, got 0"),
         ({"pipeline_parallel": 2, "pipeline_split": "blocks.1"}, r"pipeline_split must be 'auto' or a list of layer names"),
+        ({"pipeline_parallel": 2, "tensor_parallel": 2, "tensor_plan": print}, r"A callable tensor_plan parallelizes the whole module"),
     ],
 )
 def test_bad_pipeline_arguments(kwargs, message):

@@ -22,8 +22,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_parallel.layout import LayoutError
-from lightning_parallel.pipeline.schedules import build_eval_schedule, build_schedule
-from lightning_parallel.pipeline.split import StageModule
+from lightning_parallel.pipeline.schedules import build_eval_schedule, build_schedule, stages_of_rank
 
 REDUCERS = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
 
@@ -136,22 +135,24 @@ def concrete_args_for(module, args: tuple, kwargs: dict) -> dict:
 class PipelineRunner:
     """This rank's stages, their schedule, and the Lightning steps run through it."""
 
-    def __init__(self, module, stage_modules: list[StageModule], stage_ids: list[int], num_stages: int,
-                 spec, micro_batches: int, pp_group, device, last_stage_rank: int) -> None:
+    def __init__(self, module, split, spec, micro_batches: int, pp_group, device) -> None:
         self.module = module
         self.micro_batches = micro_batches
         self.pp_group = pp_group
         self.device = device
-        self.last_stage_rank = last_stage_rank  # the pp-group rank that holds the last stage
-        self.has_first = 0 in stage_ids
-        self.has_last = num_stages - 1 in stage_ids
+        pp = dist.get_world_size(pp_group)
+        # The pp-group rank that holds the last stage (rank 0 for the V-shaped schedules).
+        self.last_stage_rank = next(r for r in range(pp) if split.num_stages - 1 in stages_of_rank(spec, r, pp))
+        self.has_first = 0 in split.stage_ids
+        self.has_last = split.num_stages - 1 in split.stage_ids
         self.stages = [
-            PipelineStage(sm, sid, num_stages, device, group=pp_group) for sm, sid in zip(stage_modules, stage_ids)
+            PipelineStage(sm, sid, split.num_stages, device, group=pp_group)
+            for sm, sid in zip(split.stage_modules, split.stage_ids)
         ]
         self._loss_fn = None
         self.schedule = build_schedule(spec, self.stages, micro_batches, self._call_loss_fn)
         self.eval_schedule = build_eval_schedule(spec, self.stages, micro_batches, self._call_loss_fn)
-        self.parameters = [p for sm in stage_modules for p in sm.parameters()]
+        self.parameters = [p for sm in split.stage_modules for p in sm.parameters()]
         self._set_aside: list = []
 
     def _call_loss_fn(self, output, index):
