@@ -4,7 +4,8 @@ of HybridParallel over a plain torch.distributed.pipelining loop of the same mod
     python benchmarks/pipeline.py                 # all configurations, table to docs/benchmarks.md
     python benchmarks/pipeline.py --quick         # fewer configurations
 
-Each configuration runs in fresh processes under torchrun. A run trains a GPT (examples/gpt.py)
+Each configuration runs in fresh processes under torchrun (both columns, so both get one
+intra-op thread per process). A run trains a GPT (examples/gpt.py)
 for a few steps and reports the median step time on rank 0 after warm-up. The bubble is
 1 - M * t_stage / t_step, where t_stage is the slowest stage's forward+backward time for one
 micro-batch measured alone before training; the ideal for gpipe and 1f1b is (P-1)/(M+P-1).
@@ -152,10 +153,9 @@ def launch(cfg) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "result.json")
         env = {**os.environ, "PYTHONPATH": str(REPO), "LP_BENCH_OUT": str(out)}
+        # torchrun for both, so both get the same thread settings (one intra-op thread per process).
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg['pp']}", __file__,
                "--worker", json.dumps(cfg)]
-        if cfg["mode"] == "lightning":  # Lightning's own launcher starts the processes
-            cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if not out.exists():
             raise RuntimeError(f"{cfg} failed:\n{proc.stderr[-3000:]}")
