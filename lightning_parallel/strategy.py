@@ -3,6 +3,7 @@ data_parallel.py, gradients.py and checkpoint.py."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
@@ -203,6 +204,10 @@ class HybridParallel(ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         reset_seed()
+        # Processes on one node share its cores: more intra-op threads than a fair share only
+        # makes them preempt each other (Lightning's launcher leaves its children at the default).
+        fair_share = max(1, (os.cpu_count() or 1) // max(1, self.num_processes))
+        torch.set_num_threads(min(torch.get_num_threads(), fair_share))
         self.set_world_ranks()
         self._check_configuration()
         backend = self.backend or default_backend(self.root_device)

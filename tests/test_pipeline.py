@@ -1,6 +1,7 @@
 """Pipeline parallelism matches one process: every schedule, P=2 and 4, a non-transformer, 3-D."""
 
 import pytest
+import torch
 
 from lightning_parallel import parity
 from lightning_parallel.pipeline import SCHEDULES
@@ -39,13 +40,23 @@ def test_1f1b_pp4():
     assert_each_rank_holds_its_stages_only(ref, par)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
 def test_residual_mlp(schedule):
     ref = reference(MLP)
     par = run({**MLP, "devices": 2, "strategy": {"pipeline_parallel": 2, "schedule": schedule, "micro_batches": 4}})
     parity.assert_parity(ref, par)
     # The MLP logs a torchmetrics metric in validation_step: rank 0 (first stage) sees its value.
     assert par["val_metrics"]["val_mse"] == pytest.approx(ref["val_metrics"]["val_mse"], rel=1e-5)
+
+
+def test_validate_test_predict():
+    case = {**GPT, "evaluate": ["test", "predict"]}
+    ref = reference(case)
+    par = run({**case, "devices": 2, "strategy": {"pipeline_parallel": 2, "micro_batches": 2}})
+    parity.assert_parity(ref, par)
+    assert par["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-5)
+    # Rank 0 holds the first stage; the last stage's predictions reach it.
+    assert torch.equal(par["predictions"], ref["predictions"])
 
 
 def test_explicit_split_accumulation_and_binding_clip():

@@ -7,7 +7,8 @@
   backward), in evaluation once per batch on the merged output.
 - What the step logs is collected on the last stage, combined over the micro-batches as one
   step over the whole batch would have logged it, sent to every stage, and logged there, so
-  every rank's (and rank 0's) callback_metrics, progress bar and loggers see it.
+  every rank's (and rank 0's) callback_metrics, progress bar and loggers see it. The training
+  loss and the evaluation steps' return values (predictions, say) reach every stage too.
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ class PipelineRunner:
         for p in self.parameters:
             p.grad = None
         loss = torch.stack(list(losses.values())).mean().item() if self.has_last else None
-        return self._share_and_log(loss, [record for index in sorted(records) for record in records[index]])
+        loss, _ = self._share_and_log(loss, [record for index in sorted(records) for record in records[index]], None)
+        return torch.tensor(loss, device=self.device)
 
     def restore_gradients(self) -> None:
         for p, grad in self._set_aside:
@@ -210,17 +212,18 @@ class PipelineRunner:
         if self.has_last:
             with collecting_logs(self.module, records), output_standing_in(self.module, output):
                 result = getattr(self.module, step_name)(batch, batch_idx, *rest)
-        self._share_and_log(None, records)
+        _, result = self._share_and_log(None, records, result)
         return result
 
-    def _share_and_log(self, loss, records):
-        payload = [(loss, combine_logs(records, self.module))]
+    def _share_and_log(self, loss, records, result):
+        """Sends the last stage's loss, logs and step result to every stage; logs there."""
+        payload = [(loss, combine_logs(records, self.module), result)]
         dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank)
-        loss, logs = payload[0]
+        loss, logs, result = payload[0]
         for name, value, args, kwargs in logs:
             if isinstance(value, tuple):  # ("metric", attribute)
                 value = self.module.get_submodule(value[1])
             else:
                 value = torch.tensor(value, device=self.device)
             self.module.log(name, value, *args, **kwargs)
-        return None if loss is None else torch.tensor(loss, device=self.device)
+        return loss, result
