@@ -17,7 +17,9 @@ class Attention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
+        # No key bias: it adds the same score to every key of a query, which softmax ignores, so
+        # its gradient is exactly zero and an optimizer would only chase rounding noise.
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model)
         self.o_proj = nn.Linear(d_model, d_model)
 

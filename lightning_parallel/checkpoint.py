@@ -1,14 +1,22 @@
 """Model and optimizer state in the model's own names, whatever the layout.
 
-For now a checkpoint holds full (unsharded) tensors gathered to rank 0 and is an ordinary
-Lightning checkpoint file; loading scatters them back onto the current layout.
+A checkpoint is a directory written with torch.distributed.checkpoint: every rank writes the
+shards it holds of the model and optimizer state, keyed by the model's original parameter names
+(the optimizer state flattened per parameter), plus `meta.pt` from rank 0 with the rest of
+Lightning's checkpoint (loops, callbacks, hyperparameters). Any layout can read it: DCP reads
+into whatever shards the reading ranks hold. It is written under a temporary name and renamed
+once every rank has finished, so a checkpoint is complete or absent.
 """
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
@@ -19,10 +27,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
-# Collective: every rank must call; rank 0 receives the full tensors (on CPU), others nothing.
-_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
-# Rank 0 holds the full tensors; every rank takes its own shard of them.
-_SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+META_FILE = "meta.pt"
+SHARDED = "lightning_parallel_sharded"  # marks a checkpoint dict loaded from a sharded directory
+# Optimizer state keyed per parameter name (param groups too), so it reshards across layouts.
+_SHARDED_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def full_model_state(module: nn.Module, pp_group=None) -> dict[str, Any]:
@@ -43,14 +51,60 @@ def full_model_state(module: nn.Module, pp_group=None) -> dict[str, Any]:
     return state
 
 
-def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-    return get_optimizer_state_dict(module, optimizer, options=_GATHER)
+def sharded_model_state(module: nn.Module) -> dict[str, Any]:
+    """The parameters and buffers this rank holds (DTensor shards included), by original name."""
+    return {name: value for name, value in module.state_dict().items() if not value.is_meta}
+
+
+def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(module, optimizer, options=_SHARDED_OPTIM)
+
+
+def is_sharded_checkpoint(path) -> bool:
+    return Path(path, META_FILE).is_file()
+
+
+def save_sharded(checkpoint: dict[str, Any], path, is_rank_zero: bool) -> None:
+    """Collective. `checkpoint` is Lightning's dict with sharded "state_dict" and
+    "optimizer_states" (as the strategy returns them)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    if is_rank_zero and partial.exists():
+        shutil.rmtree(partial)  # left by a save that died
+    dist.barrier()
+    tensors = {"state_dict": checkpoint.pop("state_dict"),
+               "optimizer_states": dict(enumerate(checkpoint.pop("optimizer_states", [])))}
+    dcp.save(tensors, checkpoint_id=partial)
+    if is_rank_zero:
+        torch.save(checkpoint, partial / META_FILE)
+    dist.barrier()  # every rank's shards are on disk
+    if is_rank_zero:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        partial.rename(path)
+    dist.barrier()
+
+
+def load_sharded(path, module: nn.Module, optimizers: list[Optimizer], weights_only) -> dict[str, Any]:
+    """Collective. Reads into the current layout's shards in place; returns Lightning's
+    checkpoint dict (loops, callbacks, ...) marked as already loaded."""
+    checkpoint = torch.load(Path(path, META_FILE), weights_only=bool(weights_only))
+    tensors = {"state_dict": sharded_model_state(module),
+               "optimizer_states": {i: sharded_optimizer_state(module, opt) for i, opt in enumerate(optimizers)}}
+    if not optimizers:
+        del tensors["optimizer_states"]
+    dcp.load(tensors, checkpoint_id=path)
+    for i, opt in enumerate(optimizers):
+        set_optimizer_state_dict(module, opt, tensors["optimizer_states"][i], options=_SHARDED_OPTIM)
+    checkpoint["state_dict"] = tensors["state_dict"]
+    checkpoint["optimizer_states"] = [tensors.get("optimizer_states", {})[i] for i in range(len(optimizers))]
+    checkpoint[SHARDED] = True
+    return checkpoint
 
 
 def load_full_model_state(module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+    """Loads full tensors (an ordinary one-file checkpoint) into the current layout's shards."""
+    options = StateDictOptions(full_state_dict=True, strict=strict)
     set_model_state_dict(module, state, options=options)
-
-
-def load_full_optimizer_state(module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
-    set_optimizer_state_dict(module, optimizer, state, options=_SCATTER)

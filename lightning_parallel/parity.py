@@ -18,6 +18,8 @@ A spec is a plain dict (JSON):
                           path) builds that strategy class instead
     trainer               extra Trainer arguments (accumulate_grad_batches, gradient_clip_val, ...)
     callbacks             extra callbacks by import path; a callback's `record` dict joins the record
+    save_to, resume_from  a checkpoint path to write with trainer.save_checkpoint after fit, and
+                          one to resume fit from (ckpt_path)
     evaluate              extra stages to run after fit: "test" (records test_loss), "predict"
                           (records rank 0's predictions)
 
@@ -202,7 +204,9 @@ def _worker(spec_file: str, out_file: str) -> None:
         enable_model_summary=False,
     )
     trainer = pl.Trainer(**{**trainer_args, **spec.get("trainer", {})}, callbacks=[Recorder(), *probes])
-    trainer.fit(model, train_loader, val_loader)
+    trainer.fit(model, train_loader, val_loader, ckpt_path=spec.get("resume_from"))
+    if spec.get("save_to"):
+        trainer.save_checkpoint(spec["save_to"])
     record["val_metrics"] = trainer.validate(model, val_loader, verbose=False)[0]
     record["val_loss"] = record["val_metrics"]["val_loss"]
     if "test" in spec.get("evaluate", ()):

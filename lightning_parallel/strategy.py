@@ -425,13 +425,12 @@ class HybridParallel(ParallelStrategy):
 
     # ----------------------------------------------------------------- checkpoints
 
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # a sharded checkpoint's optimizer state is loaded in load_checkpoint
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self._pipeline is not None:
-            raise NotImplementedError(
-                "Checkpoints under pipeline_parallel > 1 are not written yet (each rank holds only its stages); "
-                "run with enable_checkpointing=False for now."
-            )
-        return self.full_state_dict()
+        return checkpoint.sharded_model_state(self.lightning_module)
 
     def full_state_dict(self) -> dict[str, Any]:
         """The whole model's parameters and buffers as full CPU tensors, under the model's own
@@ -441,14 +440,29 @@ class HybridParallel(ParallelStrategy):
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        return checkpoint.full_optimizer_state(self.lightning_module, optimizer)
+        return checkpoint.sharded_optimizer_state(self.lightning_module, optimizer)
+
+    def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("HybridParallel writes sharded checkpoints with torch.distributed.checkpoint; storage_options are not used.")
+        checkpoint.save_sharded(checkpoint_dict, self.broadcast(str(filepath)), self.is_global_zero)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = self.broadcast(str(checkpoint_path))
+        if checkpoint.is_sharded_checkpoint(path):
+            return checkpoint.load_sharded(path, self.lightning_module, self.optimizers, weights_only)
+        loaded = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary one-file checkpoint
+        if self.optimizers and loaded.get("optimizer_states"):
+            raise LayoutError(
+                f"{path} is a one-file checkpoint: HybridParallel resumes training from its own sharded checkpoint "
+                "directories only. To start from its weights, load them with MyModule.load_from_checkpoint(...) and "
+                "call fit without ckpt_path."
+            )
+        return loaded
 
     def load_model_state_dict(self, checkpoint_dict: Mapping[str, Any], strict: bool = True) -> None:
-        checkpoint.load_full_model_state(self.lightning_module, dict(checkpoint_dict["state_dict"]), strict=strict)
-
-    def load_optimizer_state_dict(self, checkpoint_dict: Mapping[str, Any]) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint_dict["optimizer_states"]):
-            checkpoint.load_full_optimizer_state(self.lightning_module, optimizer, state)
+        if not checkpoint_dict.get(checkpoint.SHARDED):
+            checkpoint.load_full_model_state(self.lightning_module, dict(checkpoint_dict["state_dict"]), strict=strict)
 
     def teardown(self) -> None:
         # A barrier before the process group goes away avoids a rare abort at exit on gloo.

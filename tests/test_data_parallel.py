@@ -76,17 +76,3 @@ def test_validate_test_predict():
     assert par["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-5)
     # Each data-parallel rank predicts its own samples: rank 0 has every second one.
     assert torch.equal(par["predictions"], ref["predictions"][0::2])
-
-
-def test_checkpoint_is_one_ordinary_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("LP_TEST_CKPT_DIR", str(tmp_path))
-    case = {**GPT, "callbacks": ["tests.probes:CheckpointEveryTwoSteps"], "trainer": {"enable_checkpointing": True}}
-    par = run({**case, "devices": 2, "strategy": {"data_parallel": 2, "sharding": "full"}})
-    last = tmp_path / "epoch=0-step=4.ckpt"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt", last.name]
-
-    from tests.models import tiny_gpt
-
-    module = type(tiny_gpt()).load_from_checkpoint(last, map_location="cpu")
-    for name, value in module.state_dict().items():
-        torch.testing.assert_close(value, par["params"][name], rtol=0, atol=0)
