@@ -46,3 +46,32 @@ def test_model_checkpoint_writes_complete_directories(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
     for ckpt in tmp_path.iterdir():
         assert (ckpt / "meta.pt").is_file() and (ckpt / ".metadata").is_file()
+
+
+def test_consolidated_file_loads_on_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    import torch.nn.functional as F
+
+    from tests.harness import REPO
+    from tests.models import token_data
+
+    sharded, single = tmp_path / "3d.ckpt", tmp_path / "one.ckpt"
+    strategy = {"pipeline_parallel": 2, "data_parallel": 2, "tensor_parallel": 2, "sharding": "full",
+                "tensor_plan": GPT_PLAN, "micro_batches": 2}
+    par = run({**GPT, "devices": 8, "strategy": strategy, "save_to": str(sharded)})
+    cmd = [sys.executable, "-m", "lightning_parallel.cli", "consolidate", str(sharded), str(single)]
+    subprocess.run(cmd, check=True, cwd=REPO, timeout=120)
+
+    from examples.gpt import GPT as Model
+
+    module = Model.load_from_checkpoint(single, map_location="cpu").eval()
+    for name, value in module.state_dict().items():
+        torch.testing.assert_close(value, par["params"][name], rtol=0, atol=0)
+    x, y = token_data()[1].tensors
+    with torch.no_grad():
+        logits = module(x)
+    val_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+    assert val_loss == pytest.approx(par["val_loss"], rel=1e-5)
