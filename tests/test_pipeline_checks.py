@@ -71,6 +71,19 @@ def test_weights_tied_across_stages():
         split(model, pipeline_split=["blocks.2"])
 
 
+def test_parameters_used_directly_in_forward_are_refused():
+    class DirectParam(Branchy):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.blocks(x) * self.scale
+
+    with pytest.raises(LayoutError, match=r"uses the parameter 'scale' directly\. .* wrap it in a small nn.Module"):
+        split(DirectParam(), batch=torch.randn(8, 4))
+
+
 def test_step_must_call_the_model():
     class NoForward(Branchy):
         def training_step(self, batch, batch_idx):

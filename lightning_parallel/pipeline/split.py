@@ -66,7 +66,7 @@ class StagePlan:
     inputs: list[list[fx.Node]]  # values stage s receives from stage s-1 (s > 0)
     outputs: list[list[fx.Node]]  # values stage s sends to stage s+1 (s < last)
     owned_modules: list[list[str]]  # module names whose parameters stage s holds
-    owned_attrs: list[list[str]]  # parameters/buffers read directly (get_attr) by stage s
+    owned_attrs: list[list[str]]  # buffers and constants read directly (get_attr) by stage s
 
 
 def plan_stages(module: nn.Module, graph: fx.Graph, trunk: str, block_stage: list[int], num_stages: int) -> StagePlan:
@@ -106,8 +106,15 @@ def plan_stages(module: nn.Module, graph: fx.Graph, trunk: str, block_stage: lis
                 "pipeline_split that keeps their users on one stage."
             )
         stage = stages.pop()
-        is_module = isinstance(_resolve(module, name), nn.Module)
-        (owned_modules if is_module else owned_attrs)[stage].append(name)
+        value = _resolve(module, name)
+        if isinstance(value, nn.Parameter):
+            # A stage registers the modules it owns; a bare parameter would be missed by the
+            # stage's data parallelism and gradient handling, and silently not train.
+            raise LayoutError(
+                f"The forward uses the parameter {name!r} directly. Under pipeline_parallel, parameters must "
+                "belong to a submodule the forward calls: wrap it in a small nn.Module."
+            )
+        (owned_modules if isinstance(value, nn.Module) else owned_attrs)[stage].append(name)
 
     _check_no_shared_parameters(module, owned_modules)
 
@@ -158,8 +165,7 @@ def _resolve(module: nn.Module, target: str):
 
 class StageModule(nn.Module):
     """One pipeline stage: replays its share of the traced forward with the model's own
-    submodules. Registers only the submodules (and direct parameters) it owns, so its
-    parameters() are the stage's."""
+    submodules. Registers only the submodules it owns, so its parameters() are the stage's."""
 
     def __init__(self, model: nn.Module, plan: StagePlan, stage: int) -> None:
         super().__init__()
@@ -167,7 +173,6 @@ class StageModule(nn.Module):
         self.stage = stage
         self.is_last = stage == len(plan.inputs) - 1
         self.owned = nn.ModuleDict({name.replace(".", "__"): model.get_submodule(name) for name in plan.owned_modules[stage]})
-        self._attr_names = plan.owned_attrs[stage]
         self._nodes = [n for n in plan.graph.nodes if plan.node_stage[n] == stage and n.op != "output"]
         self._inputs = plan.inputs[stage]
         self._outputs = plan.outputs[stage]
@@ -200,22 +205,24 @@ class StageModule(nn.Module):
         return values[0] if len(values) == 1 else values
 
 
+def _tensors_of(module: nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
 def free_unowned(model: nn.Module, plans: StagePlan, stages: list[int]) -> None:
     """Moves every parameter and buffer that none of `stages` owns to the meta device: it keeps
     its name and shape (the model summary still counts it) but holds no memory."""
-    keep: set[int] = set()
-    for stage in stages:
-        for name in plans.owned_modules[stage]:
-            keep.update(id(t) for t in [*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()])
-        for name in plans.owned_attrs[stage]:
-            keep.add(id(_resolve(model, name)))
-    if plans.owned_modules and stages and max(stages) == len(plans.inputs) - 1:
+    def owned_by(stage_ids) -> set[int]:
+        ids = {id(t) for s in stage_ids for name in plans.owned_modules[s] for t in _tensors_of(model.get_submodule(name))}
+        return ids | {id(_resolve(model, name)) for s in stage_ids for name in plans.owned_attrs[s]}
+
+    keep = owned_by(stages)
+    num_stages = len(plans.inputs)
+    if num_stages - 1 in stages:
         # Parameters the forward never touches (a loss module's, say) live on the last stage,
         # where the training step runs.
-        used = {id(t) for s in range(len(plans.inputs)) for name in plans.owned_modules[s]
-                for t in [*model.get_submodule(name).parameters(), *model.get_submodule(name).buffers()]}
-        used |= {id(_resolve(model, name)) for s in range(len(plans.inputs)) for name in plans.owned_attrs[s]}
-        keep |= {id(t) for t in [*model.parameters(), *model.buffers()] if id(t) not in used}
+        used = owned_by(range(num_stages))
+        keep |= {id(t) for t in _tensors_of(model) if id(t) not in used}
     with torch.no_grad():
         for sub in model.modules():
             for name, param in list(sub._parameters.items()):
@@ -224,8 +231,6 @@ def free_unowned(model: nn.Module, plans: StagePlan, stages: list[int]) -> None:
             for name, buf in list(sub._buffers.items()):
                 if buf is not None and id(buf) not in keep and not buf.is_meta:
                     sub._buffers[name] = buf.to("meta")
-
-
 
 
 def drop_other_stages_params(optimizers) -> None:
