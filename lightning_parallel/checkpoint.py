@@ -73,7 +73,7 @@ def save_sharded(checkpoint: dict[str, Any], path, is_rank_zero: bool) -> None:
         shutil.rmtree(partial)  # left by a save that died
     dist.barrier()
     tensors = {"state_dict": checkpoint.pop("state_dict"),
-               "optimizer_states": dict(enumerate(checkpoint.pop("optimizer_states", [])))}
+               "optimizer_states": _by_index(checkpoint.pop("optimizer_states", []))}
     dcp.save(tensors, checkpoint_id=partial)
     if is_rank_zero:
         torch.save(checkpoint, partial / META_FILE)
@@ -92,16 +92,22 @@ def load_sharded(path, module: nn.Module, optimizers: list[Optimizer], weights_o
     checkpoint dict (loops, callbacks, ...) marked as already loaded."""
     checkpoint = torch.load(Path(path, META_FILE), weights_only=bool(weights_only))
     tensors = {"state_dict": sharded_model_state(module),
-               "optimizer_states": {i: sharded_optimizer_state(module, opt) for i, opt in enumerate(optimizers)}}
+               "optimizer_states": _by_index(sharded_optimizer_state(module, opt) for opt in optimizers)}
     if not optimizers:
         del tensors["optimizer_states"]
     dcp.load(tensors, checkpoint_id=path)
     for i, opt in enumerate(optimizers):
-        set_optimizer_state_dict(module, opt, tensors["optimizer_states"][i], options=_SHARDED_OPTIM)
+        set_optimizer_state_dict(module, opt, tensors["optimizer_states"][str(i)], options=_SHARDED_OPTIM)
     checkpoint["state_dict"] = tensors["state_dict"]
-    checkpoint["optimizer_states"] = [tensors.get("optimizer_states", {})[i] for i in range(len(optimizers))]
+    checkpoint["optimizer_states"] = [tensors["optimizer_states"][str(i)] for i in range(len(optimizers))]
     checkpoint[SHARDED] = True
     return checkpoint
+
+
+def _by_index(optimizer_states) -> dict[str, Any]:
+    # String keys: DCP loads non-tensor values (learning rates, steps) back through the
+    # dotted key path, whose parts are strings; an int key would receive nothing.
+    return {str(i): state for i, state in enumerate(optimizer_states)}
 
 
 def load_full_model_state(module: nn.Module, state: dict[str, Any], strict: bool = True) -> None:

@@ -15,6 +15,21 @@ def tiny_gpt(**overrides) -> GPT:
     return GPT(**{**config, **overrides})
 
 
+class ScheduledGPT(GPT):
+    """The example GPT with a learning rate that halves every 3 steps: resuming must restore
+    the scheduler's state too."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def scheduled_gpt(**overrides) -> ScheduledGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return ScheduledGPT(**{**config, **overrides})
+
+
 def token_data(n_train=64, n_val=16, seq_len=16, vocab=64, seed=1234):
     """Random token sequences whose target is the next token of a fixed permutation (learnable)."""
     gen = torch.Generator().manual_seed(seed)

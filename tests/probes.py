@@ -31,3 +31,13 @@ class CheckpointEveryTwoSteps(pl.callbacks.ModelCheckpoint):
         import os
 
         super().__init__(dirpath=os.environ["LP_TEST_CKPT_DIR"], every_n_train_steps=2, save_top_k=-1)
+
+
+class LearningRates(pl.Callback):
+    """Records the first parameter group's learning rate at every training step."""
+
+    def __init__(self):
+        self.record = {"learning_rates": []}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.record["learning_rates"].append(trainer.optimizers[0].param_groups[0]["lr"])
