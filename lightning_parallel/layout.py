@@ -7,6 +7,7 @@ configuration raises on every rank before any process group exists.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -94,14 +95,22 @@ class Layout:
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
 
 
-def describe_ranks(layout: Layout, ranks: list[tuple[str, list[int]]]) -> str:
-    """One line per rank: its host and its coordinates in the mesh. `ranks[r]` is rank r's
-    (host name, mesh coordinate)."""
+def describe_ranks(layout: Layout, ranks: list[tuple[str, int, list[int]]]) -> str:
+    """One line per rank: its host, its node index and its coordinates in the mesh. `ranks[r]`
+    is rank r's (host name, node rank, mesh coordinate). The node index tells nodes apart where
+    host names do not (several emulated nodes on one host)."""
     lines = [f"HybridParallel layout {layout} on {layout.world_size} processes"]
-    for rank, (host, coordinate) in enumerate(ranks):
+    for rank, (host, node, coordinate) in enumerate(ranks):
         where = " ".join(f"{dim}={index}" for dim, index in zip(MESH_DIMS, coordinate))
-        lines.append(f"  rank {rank:>3} on {host}: {where}")
+        lines.append(f"  rank {rank:>3} on {host} (node {node}): {where}")
     return "\n".join(lines)
+
+
+def tensor_groups_across_nodes(layout: Layout, node_of_rank: Sequence[int]) -> list[list[int]]:
+    """The tensor-parallel groups (lists of global ranks) whose ranks are on more than one node.
+    tp is the innermost mesh dim, so each group is a run of `layout.tp` consecutive ranks."""
+    groups = [list(range(start, start + layout.tp)) for start in range(0, layout.world_size, layout.tp)]
+    return [group for group in groups if len({node_of_rank[rank] for rank in group}) > 1]
 
 
 def default_backend(device: torch.device) -> str:

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -54,6 +54,7 @@ from lightning_parallel.layout import (
     check_sharding,
     default_backend,
     describe_ranks,
+    tensor_groups_across_nodes,
 )
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-true")
@@ -214,11 +215,29 @@ class HybridParallel(ParallelStrategy):
         device_id = self.root_device if self.root_device.type == "cuda" else None
         _init_dist_connection(self.cluster_environment, backend, timeout=self.timeout, device_id=device_id)
         self._device_mesh = self.layout.build_mesh(self.root_device.type)
-        ranks: list[Any] = [None] * self.world_size
-        dist.all_gather_object(ranks, (socket.gethostname(), self._device_mesh.get_coordinate()))
+        ranks = self._gather_ranks()
         rank_zero_info(describe_ranks(self.layout, ranks))
+        self._warn_if_tensor_groups_span_nodes([node for _, node, _ in ranks])
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # as ModelParallelStrategy does
+
+    def _gather_ranks(self) -> list[tuple[str, int, list[int]]]:
+        """Every rank's (host name, node rank, mesh coordinate), on every rank."""
+        ranks: list[Any] = [None] * self.world_size
+        dist.all_gather_object(ranks, (socket.gethostname(), self.node_rank, self.device_mesh.get_coordinate()))
+        return ranks
+
+    def _warn_if_tensor_groups_span_nodes(self, node_of_rank: list[int]) -> None:
+        groups = tensor_groups_across_nodes(self.layout, node_of_rank)
+        if not groups:
+            return
+        per_node = self.num_processes
+        rank_zero_warn(
+            f"tensor_parallel={self.layout.tp} with {per_node} processes per node puts {len(groups)} tensor-parallel "
+            f"group(s) across nodes (ranks {groups[0]} first). Tensor parallelism communicates the most, in every "
+            f"layer, and should stay on a node's fast links: make tensor_parallel at most the devices per node "
+            f"({per_node}) and a divisor of it, and span nodes with data or pipeline parallelism."
+        )
 
     # ----------------------------------------------------------------- model
 

@@ -29,7 +29,7 @@ def test_main_job_prints_layout_and_loss_falls():
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "HybridParallel layout pp=2 x dp=1 x tp=2 on 4 processes" in output
-    assert re.search(r"rank +2 on \S+: pp=1 dp=0 tp=0", output)
+    assert re.search(r"rank +2 on \S+ \(node 0\): pp=1 dp=0 tp=0", output)
     assert "Tensor-parallel plan (given), tp=2:" in output
     assert "Pipeline split (balanced by measured cost), 2 stages:" in output
     curve = re.search(r"train_loss by step: (.*)", output).group(1)

@@ -1,0 +1,140 @@
+"""SLURM: the example sbatch scripts as real jobs on a local cluster of two emulated nodes
+(.ci/slurm/cluster.sh), and the layout checks that multi-node runs print."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_parallel.layout import Layout, describe_ranks, tensor_groups_across_nodes
+from tests.harness import REPO
+
+CLUSTER = REPO / ".ci" / "slurm" / "cluster.sh"
+MULTI_NODE = REPO / "examples" / "slurm" / "multi_node.sbatch"
+ONE_NODE = REPO / "examples" / "slurm" / "one_node.sbatch"
+QUICK = ["trainer.max_steps=10", "model.n_layers=2"]
+JOB_TIMEOUT = 600
+UNFINISHED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "")
+LAYOUT_LINE = re.compile(r"rank +(\d+) on \S+ \(node (\d+)\): pp=(\d+) dp=(\d+) tp=(\d+)")
+TP_WARNING = "tensor_parallel=4 with 2 processes per node puts 1 tensor-parallel group(s) across nodes"
+
+
+# ----------------------------------------------------------------- pure functions, no processes
+
+
+@pytest.mark.parametrize(
+    "degrees, nodes, expected",
+    [
+        ((2, 1, 2), [0, 0, 1, 1], []),                      # pp across nodes, tp within
+        ((1, 1, 4), [0, 0, 1, 1], [[0, 1, 2, 3]]),          # tp larger than a node
+        ((1, 3, 2), [0, 0, 0, 1, 1, 1], [[2, 3]]),          # tp=2 does not divide 3 per node
+        ((1, 2, 2), [0, 0, 0, 0], []),                      # one node
+    ],
+)
+def test_tensor_groups_across_nodes(degrees, nodes, expected):
+    pp, dp, tp = degrees
+    assert tensor_groups_across_nodes(Layout(pp=pp, dp=dp, tp=tp), nodes) == expected
+
+
+def test_describe_ranks_names_host_and_node():
+    ranks = [("localhost", 0, [0, 0, 0]), ("localhost", 1, [1, 0, 0])]
+    assert describe_ranks(Layout(pp=2, dp=1, tp=1), ranks).splitlines() == [
+        "HybridParallel layout pp=2 x dp=1 x tp=1 on 2 processes",
+        "  rank   0 on localhost (node 0): pp=0 dp=0 tp=0",
+        "  rank   1 on localhost (node 1): pp=1 dp=0 tp=0",
+    ]
+
+
+def test_readme_shows_the_multi_node_script():
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- tested by tests/test_slurm.py -->\n```\w*\n(.*?)```", readme, re.S)
+    assert block, "README.md has no code block marked as tested by tests/test_slurm.py"
+    assert block.group(1) in MULTI_NODE.read_text()
+
+
+# ----------------------------------------------------------------- jobs on the local cluster
+
+
+def start_reason(proc: subprocess.CompletedProcess) -> str:
+    said = [line for line in proc.stderr.splitlines() if line.startswith("cluster.sh:")]
+    return " / ".join(said[-3:] or proc.stderr.splitlines()[-5:]) or f"exit status {proc.returncode}"
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict:
+    """The environment of a client of the local cluster, started here if it is not up."""
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.skip(f"no local SLURM cluster ({CLUSTER.name} start failed): {start_reason(proc)}")
+    print(f"cluster start: {time.monotonic() - started:.1f}s")
+    conf = re.search(r"export SLURM_CONF=(\S+)", proc.stdout).group(1)
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the job's `python`
+    # Emulated nodes share this host and their names do not resolve.
+    return {**os.environ, "SLURM_CONF": conf, "PATH": path, "MASTER_ADDR": "127.0.0.1"}
+
+
+def wait_for_job(job: str, env: dict) -> str:
+    """Polls squeue (sbatch --wait polls every ~10 s) until the job ends; returns its state."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        query = ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"]
+        state = subprocess.run(query, env=env, capture_output=True, text=True).stdout.strip()
+        if state not in UNFINISHED:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"SLURM job {job} did not end within {JOB_TIMEOUT}s")
+
+
+def run_job(env: dict, tmp_path: Path, script: Path, shape: list[str], overrides: list[str]) -> str:
+    """Submits `script` as a user would (from the repository root), waits, returns its output."""
+    started = time.monotonic()
+    out = tmp_path / "job.out"
+    submit = ["sbatch", "--parsable", f"--output={out}", *shape, str(script), *overrides]
+    job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    state = wait_for_job(job.split(";")[0], env)
+    output = out.read_text()
+    print(f"{script.name} {' '.join(shape + overrides)}: {state} in {time.monotonic() - started:.1f}s\n{output}")
+    assert state == "COMPLETED", f"SLURM job {job} ended {state}:\n{output[-4000:]}"
+    assert re.search(r"train_loss by step: ", output), output[-4000:]
+    return output
+
+
+def printed_layout(output: str) -> list[dict]:
+    """Each rank's node and mesh coordinate, from the layout rank 0 printed."""
+    rows = [tuple(map(int, match)) for match in LAYOUT_LINE.findall(output)]
+    return [dict(rank=r, node=n, pp=pp, dp=dp, tp=tp) for r, n, pp, dp, tp in rows]
+
+
+def test_multi_node_job_puts_stages_across_nodes(slurm_env, tmp_path):
+    shape = ["--nodes=2", "--ntasks-per-node=2"]
+    output = run_job(slurm_env, tmp_path, MULTI_NODE, shape, QUICK)
+    assert "HybridParallel layout pp=2 x dp=1 x tp=2 on 4 processes" in output
+    ranks = printed_layout(output)
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3], output[-4000:]
+    assert all(r["node"] == r["pp"] for r in ranks), ranks  # stage 0 on n1, stage 1 on n2
+    tensor_groups = {(r["pp"], r["dp"]): set() for r in ranks}
+    for r in ranks:
+        tensor_groups[(r["pp"], r["dp"])].add(r["node"])
+    assert all(len(nodes) == 1 for nodes in tensor_groups.values()), ranks
+    assert "across nodes" not in output
+
+
+def test_job_with_tensor_groups_across_nodes_warns_and_trains(slurm_env, tmp_path):
+    shape = ["--nodes=2", "--ntasks-per-node=2"]
+    overrides = [*QUICK, "strategy.tensor_parallel=4", "strategy.pipeline_parallel=1"]
+    output = run_job(slurm_env, tmp_path, MULTI_NODE, shape, overrides)
+    assert "HybridParallel layout pp=1 x dp=1 x tp=4 on 4 processes" in output
+    assert TP_WARNING in output, output[-4000:]
+    assert "at most the devices per node (2) and a divisor of it" in output
+
+
+def test_one_node_job(slurm_env, tmp_path):
+    output = run_job(slurm_env, tmp_path, ONE_NODE, ["--nodes=1", "--ntasks-per-node=4"], QUICK)
+    ranks = printed_layout(output)
+    assert [r["node"] for r in ranks] == [0, 0, 0, 0], output[-4000:]
