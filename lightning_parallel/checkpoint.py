@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 
 META_FILE = "meta.pt"
+PARTIAL = ".partial"  # suffix of a checkpoint being written
 SHARDED = "lightning_parallel_sharded"  # marks a checkpoint dict loaded from a sharded directory
 # Optimizer state keyed per parameter name (param groups too), so it reshards across layouts.
 _SHARDED_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -64,11 +65,21 @@ def is_sharded_checkpoint(path) -> bool:
     return Path(path, META_FILE).is_file()
 
 
+def check_complete(path) -> None:
+    """Refuses the temporary directory of a save that did not finish."""
+    path = str(path).rstrip("/")
+    if path.endswith(PARTIAL):
+        raise FileNotFoundError(
+            f"{path} is an incomplete checkpoint: a save that did not finish (the run died while writing it). "
+            f"Resume from an earlier checkpoint (or from {path[: -len(PARTIAL)]}, the one it was replacing, if it exists)."
+        )
+
+
 def save_sharded(checkpoint: dict[str, Any], path, is_rank_zero: bool) -> None:
     """Collective. `checkpoint` is Lightning's dict with sharded "state_dict" and
     "optimizer_states" (as the strategy returns them)."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(path.name + PARTIAL)
     if is_rank_zero and partial.exists():
         shutil.rmtree(partial)  # left by a save that died
     dist.barrier()

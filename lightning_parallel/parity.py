@@ -48,12 +48,8 @@ PARAM_ATOL = 1e-4
 def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0) -> dict[str, Any]:
     """Trains as `spec` says in new processes; returns rank 0's record."""
     with tempfile.TemporaryDirectory(prefix="lp-parity-") as tmp:
-        spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "record.pt")
-        spec_file.write_text(json.dumps(spec))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        cmd = [sys.executable, "-m", "lightning_parallel.parity", str(spec_file), str(out_file)]
-        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+        out_file = Path(tmp, "record.pt")
+        proc = run_processes(spec, out_file, pythonpath, timeout)
         if proc.returncode != 0 or not out_file.exists():
             raise RuntimeError(
                 f"parity run failed (exit {proc.returncode}) for spec {spec}\n"
@@ -62,6 +58,17 @@ def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0
         record = torch.load(out_file, weights_only=False)
         record["output"] = proc.stdout + proc.stderr
         return record
+
+
+def run_processes(spec: dict[str, Any], out_file: Path, pythonpath: list[str] = (),
+                  timeout: float = 600.0) -> subprocess.CompletedProcess:
+    """Starts the worker for `spec` as users start training and waits for it, failed or not."""
+    spec_file = out_file.with_name(out_file.name + ".spec.json")
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "lightning_parallel.parity", str(spec_file), str(out_file)]
+    return subprocess.run(cmd, env=env, cwd=out_file.parent, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_parity(reference: dict, parallel: dict, loss_rtol: float = LOSS_RTOL, param_atol: float = PARAM_ATOL) -> dict:

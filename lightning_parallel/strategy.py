@@ -136,6 +136,7 @@ class HybridParallel(ParallelStrategy):
         self._pipeline: Optional[PipelineRunner] = None
         self._parallelized_module = None
         self._metric_group = None
+        self._failed = False
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -468,6 +469,7 @@ class HybridParallel(ParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = self.broadcast(str(checkpoint_path))
+        checkpoint.check_complete(path)
         if checkpoint.is_sharded_checkpoint(path):
             return checkpoint.load_sharded(path, self.lightning_module, self.optimizers, weights_only)
         loaded = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary one-file checkpoint
@@ -483,9 +485,15 @@ class HybridParallel(ParallelStrategy):
         if not checkpoint_dict.get(checkpoint.SHARDED):
             checkpoint.load_full_model_state(self.lightning_module, dict(checkpoint_dict["state_dict"]), strict=strict)
 
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+
     def teardown(self) -> None:
         # A barrier before the process group goes away avoids a rare abort at exit on gloo.
-        self.barrier()
+        # After an exception the other ranks may be waiting in another collective: leave
+        # without one, so that they fail on the lost connection (or the timeout) and exit too.
+        if not self._failed:
+            self.barrier()
         if self._pipeline is None:
             super().teardown()
             return

@@ -41,3 +41,64 @@ class LearningRates(pl.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.record["learning_rates"].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class Fault(pl.Callback):
+    """Injects the fault $LP_TEST_FAULT ("kill", "raise" or "kill_in_save") on rank
+    $LP_TEST_FAULT_RANK at optimizer step $LP_TEST_FAULT_STEP: "kill" and "raise" strike inside
+    the step's forward (mid-schedule under pipeline parallelism); "kill_in_save" strikes while
+    that step's checkpoint is being written. Every rank writes its pid to $LP_TEST_FAULT_DIR/pids,
+    and the striking rank the time of the fault to $LP_TEST_FAULT_DIR/fault_time."""
+
+    def __init__(self):
+        import os
+
+        self.kind = os.environ["LP_TEST_FAULT"]
+        self.rank = int(os.environ["LP_TEST_FAULT_RANK"])
+        self.step = int(os.environ["LP_TEST_FAULT_STEP"])
+        self.dir = os.environ["LP_TEST_FAULT_DIR"]
+        self.armed = False
+
+    def on_train_start(self, trainer, module):
+        import os
+
+        with open(f"{self.dir}/pids", "a") as pids:
+            pids.write(f"{os.getpid()}\n")
+        if trainer.global_rank != self.rank:
+            return
+        if self.kind == "kill_in_save":
+            self._strike_in_save()
+        for leaf in (m for m in module.modules() if not list(m.children())):
+            leaf.register_forward_pre_hook(lambda *_: self._strike() if self.armed else None)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.armed = self.kind != "kill_in_save" and trainer.global_step == self.step
+
+    def on_validation_start(self, trainer, module):
+        self.armed = False
+
+    def _strike(self):
+        import os
+        import signal
+        import time
+
+        with open(f"{self.dir}/fault_time", "w") as out:
+            out.write(str(time.time()))
+        if self.kind == "raise":
+            raise RuntimeError("injected fault")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _strike_in_save(self):
+        """Dies after writing its first shard file of the save at the chosen step."""
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        write_data, fault = FileSystemWriter.write_data, self
+
+        def write_then_die(writer, plan, planner):
+            written = write_data(writer, plan, planner)
+            if f"step={fault.step}" in str(writer.path):
+                written.wait()
+                fault._strike()
+            return written
+
+        FileSystemWriter.write_data = write_then_die

@@ -9,7 +9,7 @@ from tests.models import GPT_PLAN
 GPT = dict(model="tests.models:tiny_gpt", model_kwargs={"n_layers": 4}, data="tests.models:token_data",
            batch_size=8, max_steps=4)
 # 64 samples in batches of 8: an epoch is 8 steps. The learning rate follows a step schedule.
-EPOCHS = dict(GPT, model="tests.models:scheduled_gpt", max_steps=-1)
+EPOCHS = dict(GPT, model="tests.models:scheduled_gpt", max_steps=-1, callbacks=["tests.probes:LearningRates"])
 
 
 def interrupted(tmp_path, name, devices, strategies):
@@ -40,6 +40,7 @@ def test_resume_under_another_layout_continues_the_uninterrupted_run(tmp_path, n
     assert len(first["losses"]) == len(second["losses"]) == 8
     assert_losses_close(uninterrupted["losses"][:8], first["losses"])
     parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][8:]}, second)
+    assert second["learning_rates"] == uninterrupted["learning_rates"][8:]
     written = sorted(p.name for p in tmp_path.iterdir())
     assert f"{name}.ckpt" in written and not any(n.endswith(".partial") for n in written), written
 
