@@ -1,17 +1,21 @@
 """The main job: train the example GPT on a byte-level corpus with HybridParallel.
 
-    python examples/train.py                                  # configs/train.yaml as it is
+    python examples/train.py                                  # configs/train.yaml as it composes
+    python examples/train.py strategy=dp trainer.devices=2    # another layout from configs/strategy/
     python examples/train.py trainer.devices=4 strategy.sharding=full
+
+The config is composed from configs/ by lightning_parallel.config (no Hydra needed);
+examples/train_hydra.py runs the same `main` as a Hydra app.
 """
 
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
-from data import ByteDataModule
-from gpt import GPT
-from lightning_parallel import HybridParallel
+from lightning_parallel import LayoutError
+from lightning_parallel.config import ConfigError, compose, instantiate
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
 
@@ -31,13 +35,25 @@ class LossCurve(pl.Callback):
             print("train_loss by step: " + ", ".join(f"{i + 1}: {self.losses[i]:.3f}" for i in points))
 
 
-def main() -> None:
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIG), OmegaConf.from_cli())
-    cfg = OmegaConf.to_container(cfg, resolve=True)
-    pl.seed_everything(cfg["seed"])
-    trainer = pl.Trainer(**cfg["trainer"], strategy=HybridParallel(**cfg["strategy"]), callbacks=[LossCurve()])
-    trainer.fit(GPT(**cfg["model"]), ByteDataModule(**cfg["data"]))
+def main(cfg: DictConfig) -> None:
+    """Builds everything before training starts, so a bad config fails in this process alone."""
+    pl.seed_everything(cfg.seed)
+    strategy = instantiate(cfg.strategy, "strategy")
+    trainer = instantiate(cfg.trainer, "trainer", strategy=strategy, callbacks=[LossCurve()])
+    trainer.fit(instantiate(cfg.model, "model"), instantiate(cfg.data, "data"))
+
+
+def exit_on_config_error(run, cfg: DictConfig) -> None:
+    """Runs `run(cfg)`; a config that cannot run ends the process with its message, without a traceback."""
+    try:
+        run(cfg)
+    except (ConfigError, LayoutError) as err:
+        sys.exit(f"{type(err).__name__}: {err}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        config = compose(CONFIG, sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"ConfigError: {err}")
+    exit_on_config_error(main, config)
