@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 
 from lightning_parallel import checkpoint
+from lightning_parallel.preemption import defer_slurm_requeue
 from lightning_parallel.data_parallel import (
     StepRunner,
     apply_data_parallel,
@@ -137,6 +138,7 @@ class HybridParallel(ParallelStrategy):
         self._parallelized_module = None
         self._metric_group = None
         self._failed = False
+        self._requeue = None  # SLURM's requeue signal, acted on at the next step's start
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -260,6 +262,7 @@ class HybridParallel(ParallelStrategy):
             if self._pipeline is not None:
                 drop_other_stages_params(self.optimizers)
         self.setup_precision_plugin()
+        self._requeue = defer_slurm_requeue(trainer, self.cluster_environment)
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
@@ -484,6 +487,10 @@ class HybridParallel(ParallelStrategy):
     def load_model_state_dict(self, checkpoint_dict: Mapping[str, Any], strict: bool = True) -> None:
         if not checkpoint_dict.get(checkpoint.SHARDED):
             checkpoint.load_full_model_state(self.lightning_module, dict(checkpoint_dict["state_dict"]), strict=strict)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._requeue is not None:
+            self._requeue.at_step_start(self.root_device)
 
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True

@@ -138,3 +138,37 @@ def test_one_node_job(slurm_env, tmp_path):
     output = run_job(slurm_env, tmp_path, ONE_NODE, ["--nodes=1", "--ntasks-per-node=4"], QUICK)
     ranks = printed_layout(output)
     assert [r["node"] for r in ranks] == [0, 0, 0, 0], output[-4000:]
+
+
+def test_preempted_job_saves_requeues_and_resumes(slurm_env, tmp_path):
+    # Only rank 1 receives the requeue signal: the ranks must still save together (a save
+    # inside each rank's signal handler would leave rank 0 out, or meet it mid-step).
+    job_script = REPO / "tests" / "slurm_requeue_job.py"
+    submit = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--open-mode=append",
+              f"--output={tmp_path / 'job.out'}", f"--wrap=srun python {job_script} {tmp_path} 1 5"]
+    job = subprocess.run(submit, cwd=REPO, env=slurm_env, capture_output=True, text=True, check=True).stdout.strip()
+    release_when_requeued(job, slurm_env)
+    state = wait_for_job(job, slurm_env)
+    output = (tmp_path / "job.out").read_text()
+    print(output)
+    assert state == "COMPLETED", output[-4000:]
+    assert re.findall(r"started at step (\d+)", output) == ["0", "5"], output[-4000:]
+    assert "Requeued SLURM job" in output
+    assert f"Restored all states from the checkpoint at {tmp_path / 'hpc_ckpt_1.ckpt'}" in output
+    assert "finished at step 30" in output.split("started at step 5", 1)[1], output[-4000:]
+    assert (tmp_path / "hpc_ckpt_1.ckpt" / "meta.pt").is_file()
+
+
+def release_when_requeued(job: str, env: dict) -> None:
+    """A requeued job waits about two minutes before it may start again; start it now."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        query = ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T %r"]
+        state = subprocess.run(query, env=env, capture_output=True, text=True).stdout.strip()
+        if state == "PENDING BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+            return
+        if state.split(" ")[0] not in (*UNFINISHED, "REQUEUED"):
+            pytest.fail(f"SLURM job {job} ended {state} before it was requeued")
+        time.sleep(1)
+    pytest.fail(f"SLURM job {job} was not requeued within {JOB_TIMEOUT}s")
