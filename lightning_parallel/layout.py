@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -35,6 +35,13 @@ def check_degree(name: str, value: Degree, allow_auto: bool = False) -> None:
         raise LayoutError(f"{name} must be a positive int{hint}, got {value!r} ({type(value).__name__}).")
     if value < 1:
         raise LayoutError(f"{name} must be >= 1, got {value}. Use 1 to turn this form of parallelism off.")
+
+
+def check_type(name: str, value: Any, expected: tuple[type, ...], what: str) -> None:
+    """Rejects a value of the wrong type now, rather than letting it mean something else later
+    (e.g. the string "no" is true)."""
+    if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        raise LayoutError(f"{name} must be {what}, got {value!r} ({type(value).__name__}).")
 
 
 def check_sharding(sharding: str) -> None:

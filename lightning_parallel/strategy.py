@@ -53,6 +53,7 @@ from lightning_parallel.layout import (
     check_backend,
     check_degree,
     check_sharding,
+    check_type,
     default_backend,
     describe_ranks,
     tensor_groups_across_nodes,
@@ -109,6 +110,11 @@ class HybridParallel(ParallelStrategy):
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
         check_sharding(sharding)
+        check_type("sequence_parallel", sequence_parallel, (bool,), "True or False")
+        check_type("loss_parallel", loss_parallel, (bool,), "True or False")
+        check_type("schedule", schedule, (str,), "a schedule name")
+        check_type("backend", backend, (str, type(None)), "a backend name such as 'gloo' or 'nccl', or None")
+        check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
         if pipeline_parallel > 1 and callable(tensor_plan):
@@ -123,8 +129,8 @@ class HybridParallel(ParallelStrategy):
         self.pipeline_parallel = pipeline_parallel
         self.sharding = sharding
         self.tensor_plan = dict(tensor_plan) if isinstance(tensor_plan, Mapping) else tensor_plan
-        self.sequence_parallel = bool(sequence_parallel)
-        self.loss_parallel = bool(loss_parallel)
+        self.sequence_parallel = sequence_parallel
+        self.loss_parallel = loss_parallel
         self.micro_batches = micro_batches
         self.schedule = schedule
         self.pipeline_split = pipeline_split if pipeline_split == "auto" else list(pipeline_split)

@@ -25,6 +25,10 @@ def trainer(devices=2, **kwargs):
         ({"tensor_parallel": "2"}, r"tensor_parallel must be a positive int, got '2' \(str\)"),
         ({"data_parallel": 2.0}, r"data_parallel must be a positive int or \"auto\", got 2\.0"),
         ({"sharding": "zero3"}, r"sharding='zero3' is not one of \('none', 'full'\): use 'none' .* or 'full'"),
+        ({"sequence_parallel": "no"}, r"sequence_parallel must be True or False, got 'no' \(str\)"),
+        ({"timeout": "600"}, r"timeout must be a number of seconds, got '600' \(str\)"),
+        ({"timeout": True}, r"timeout must be a number of seconds, got True \(bool\)"),
+        ({"schedule": ["1f1b"]}, r"schedule must be a schedule name, got \['1f1b'\] \(list\)"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(kwargs, message):

@@ -108,7 +108,7 @@ def test_every_strategy_file_builds(option, layout):
         (["+strategy.timeout=soon"], r"strategy\.timeout='soon' is a str, .* takes float or timedelta"),
         (["strategy.pipeline_parallel=-2"], r"^In strategy \(lightning_parallel\.HybridParallel\): pipeline_parallel must be "
          r">= 1, got -2\. Use 1"),
-        (["strategy.schedule=fastest"], r"Unknown pipeline schedule 'fastest': choose one of gpipe, 1f1b, "),
+        (["strategy.schedule=fastest"], r"schedule='fastest': unknown pipeline schedule; choose one of gpipe, 1f1b, "),
         (["strategy.sharding=zero3"], r"sharding='zero3' is not one of \('none', 'full'\)"),
         (["strategy.tensor_paralel=2"], r"^strategy\.tensor_paralel=2: the config has no key strategy\.tensor_paralel \(did "
          r"you mean strategy\.tensor_parallel\?\)\. Keys under strategy: _target_, data_parallel, .* To add a new key, "

@@ -20,7 +20,7 @@ def split(module, pp=2, schedule="1f1b", micro_batches=4, pipeline_split="auto",
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"pipeline_parallel": 2, "schedule": "pipedream"}, r"Unknown pipeline schedule 'pipedream': choose one of gpipe, 1f1b"),
+        ({"pipeline_parallel": 2, "schedule": "pipedream"}, r"schedule='pipedream': unknown pipeline schedule; choose one of gpipe, 1f1b"),
         ({"pipeline_parallel": 4, "schedule": "1f1b", "micro_batches": 2}, r"'1f1b' with pipeline_parallel=4 needs micro_batches >= 4, got 2"),
         ({"pipeline_parallel": 2, "schedule": "dualpipev", "micro_batches": 3}, r"'dualpipev' with pipeline_parallel=2 needs micro_batches >= 4"),
         ({"pipeline_parallel": 2, "micro_batches": 0}, r"micro_batches must be a positive int, got 0"),

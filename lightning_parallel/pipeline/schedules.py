@@ -31,7 +31,7 @@ SCHEDULES = {
 
 def check_schedule(name: str, pp: int, micro_batches: int) -> ScheduleSpec:
     if name not in SCHEDULES:
-        raise LayoutError(f"Unknown pipeline schedule {name!r}: choose one of {', '.join(SCHEDULES)}.")
+        raise LayoutError(f"schedule={name!r}: unknown pipeline schedule; choose one of {', '.join(SCHEDULES)}.")
     spec = SCHEDULES[name]
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise LayoutError(f"micro_batches must be a positive int, got {micro_batches!r}.")
