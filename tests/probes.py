@@ -102,3 +102,13 @@ class Fault(pl.Callback):
             return written
 
         FileSystemWriter.write_data = write_then_die
+
+
+class KeepBestCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Keeps only the checkpoint with the lowest training loss, checked every two steps."""
+
+    def __init__(self):
+        import os
+
+        super().__init__(dirpath=os.environ["LP_TEST_CKPT_DIR"], every_n_train_steps=2, save_top_k=1,
+                         monitor="train_loss", mode="min")

@@ -60,6 +60,14 @@ def test_model_checkpoint_writes_complete_directories(tmp_path, monkeypatch):
         assert (ckpt / "meta.pt").is_file() and (ckpt / ".metadata").is_file()
 
 
+def test_save_top_k_removes_worse_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_TEST_CKPT_DIR", str(tmp_path))
+    case = {**GPT, "callbacks": ["tests.probes:KeepBestCheckpoint"], "trainer": {"enable_checkpointing": True}}
+    par = run({**case, "devices": 2, "strategy": {"data_parallel": 2, "sharding": "full"}})
+    best_step = 2 + 2 * min(range(2), key=lambda i: par["losses"][1 + 2 * i])  # losses fall: step 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"epoch=0-step={best_step}.ckpt"]
+
+
 def test_consolidated_file_loads_on_one_process(tmp_path):
     import subprocess
     import sys
