@@ -223,6 +223,10 @@ class PipelineRunner:
         for name, value, args, kwargs in logs:
             if isinstance(value, tuple):  # ("metric", attribute)
                 value = self.module.get_submodule(value[1])
+                if not self.has_last:
+                    # Updated on the last stage, whose states this copy receives when it syncs;
+                    # counting the update keeps torchmetrics from warning that it never ran.
+                    value._update_count += 1
             else:
                 value = torch.tensor(value, device=self.device)
             self.module.log(name, value, *args, **kwargs)
