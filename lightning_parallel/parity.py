@@ -138,11 +138,27 @@ def _loaders(spec: dict, train_ds, val_ds):
     return train, DataLoader(val_ds, batch_size=val_batch // dp, shuffle=False)
 
 
-def _elements_held(module: torch.nn.Module) -> int:
+def _local_numel(tensor: torch.Tensor) -> int:
+    """Elements this rank holds of `tensor` (its shard, for a DTensor)."""
     from torch.distributed.tensor import DTensor
 
+    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel()
+
+
+def _elements_held(module: torch.nn.Module) -> int:
     # Parameters of other pipeline stages sit on the meta device: they hold nothing.
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters() if not p.is_meta)
+    return sum(_local_numel(p) for p in module.parameters() if not p.is_meta)
+
+
+def _per_rank(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order (collective when distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _numel(module: torch.nn.Module) -> int:
@@ -168,29 +184,18 @@ def _worker(spec_file: str, out_file: str) -> None:
     class Recorder(pl.Callback):
         def on_train_start(self, trainer, module):
             record["summary_total_params"] = ModelSummary(module).total_parameters
-            held = _elements_held(module)
-            if dist.is_initialized():
-                per_rank: list[Any] = [None] * dist.get_world_size()
-                dist.all_gather_object(per_rank, held)
-                held = per_rank
-            record["elements_held"] = held if isinstance(held, list) else [held]
+            record["elements_held"] = _per_rank(_elements_held(module))
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             record["losses"].append(float(trainer.callback_metrics["train_loss"]))
 
         def on_train_end(self, trainer, module):
-            from torch.distributed.tensor import DTensor
-
             held = sum(
-                (v.to_local() if isinstance(v, DTensor) else v).numel()
+                _local_numel(v)
                 for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
                 if isinstance(v, torch.Tensor) and v.dim() > 0
             )
-            if dist.is_initialized():
-                per_rank: list[Any] = [None] * dist.get_world_size()
-                dist.all_gather_object(per_rank, held)
-                held = per_rank
-            record["optimizer_elements"] = held if isinstance(held, list) else [held]
+            record["optimizer_elements"] = _per_rank(held)
 
     probes = [_load(path)() for path in spec.get("callbacks", [])]
     strategy = spec.get("strategy")

@@ -81,12 +81,17 @@ def slurm_env() -> dict:
     return {**os.environ, "SLURM_CONF": conf, "PATH": path, "MASTER_ADDR": "127.0.0.1"}
 
 
+def job_state(job: str, env: dict, fields: str = "%T") -> str:
+    """squeue's `fields` for the job (its state by default), "" once squeue has forgotten it."""
+    query = ["squeue", "-h", "-t", "all", "-j", job, "-o", fields]
+    return subprocess.run(query, env=env, capture_output=True, text=True).stdout.strip()
+
+
 def wait_for_job(job: str, env: dict) -> str:
     """Polls squeue (sbatch --wait polls every ~10 s) until the job ends; returns its state."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < deadline:
-        query = ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"]
-        state = subprocess.run(query, env=env, capture_output=True, text=True).stdout.strip()
+        state = job_state(job, env)
         if state not in UNFINISHED:
             return state
         time.sleep(1)
@@ -166,8 +171,7 @@ def release_when_requeued(job: str, env: dict) -> None:
     """A requeued job waits about two minutes before it may start again; start it now."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while time.monotonic() < deadline:
-        query = ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T %r"]
-        state = subprocess.run(query, env=env, capture_output=True, text=True).stdout.strip()
+        state = job_state(job, env, "%T %r")
         if state == "PENDING BeginTime":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
             return
