@@ -74,11 +74,7 @@ def run_processes(spec: dict[str, Any], out_file: Path, pythonpath: list[str] = 
 def assert_parity(reference: dict, parallel: dict, loss_rtol: float = LOSS_RTOL, param_atol: float = PARAM_ATOL) -> dict:
     """Raises AssertionError unless every step's loss, the validation loss and every final
     parameter agree; returns the largest gaps seen."""
-    ref_losses, par_losses = torch.tensor(reference["losses"]), torch.tensor(parallel["losses"])
-    assert len(ref_losses) == len(par_losses) > 0, f"step counts differ: {len(ref_losses)} vs {len(par_losses)}"
-    loss_gap = ((par_losses - ref_losses).abs() / ref_losses.abs()).max().item()
-    assert loss_gap <= loss_rtol, f"training losses differ by {loss_gap:.3g} relative:\n{ref_losses}\n{par_losses}"
-
+    loss_gap = assert_losses_close(reference["losses"], parallel["losses"], loss_rtol)
     val_gap = abs(parallel["val_loss"] - reference["val_loss"]) / abs(reference["val_loss"])
     assert val_gap <= loss_rtol, f"validation loss {parallel['val_loss']} vs {reference['val_loss']}"
 
@@ -92,6 +88,16 @@ def assert_parity(reference: dict, parallel: dict, loss_rtol: float = LOSS_RTOL,
         assert gap <= param_atol, f"parameter {name} differs by {gap:.3g} (> {param_atol})"
         param_gap = max(param_gap, gap)
     return {"loss_rtol": loss_gap, "val_rtol": val_gap, "param_atol": param_gap}
+
+
+def assert_losses_close(reference: list[float], parallel: list[float], loss_rtol: float = LOSS_RTOL) -> float:
+    """Raises AssertionError unless both runs logged as many steps and every step's loss agrees;
+    returns the largest relative gap."""
+    ref_losses, par_losses = torch.tensor(reference), torch.tensor(parallel)
+    assert len(ref_losses) == len(par_losses) > 0, f"step counts differ: {len(ref_losses)} vs {len(par_losses)}"
+    loss_gap = ((par_losses - ref_losses).abs() / ref_losses.abs()).max().item()
+    assert loss_gap <= loss_rtol, f"training losses differ by {loss_gap:.3g} relative:\n{ref_losses}\n{par_losses}"
+    return loss_gap
 
 
 # ---------------------------------------------------------------------------- the worker

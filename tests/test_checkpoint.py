@@ -38,17 +38,11 @@ def test_resume_under_another_layout_continues_the_uninterrupted_run(tmp_path, n
     uninterrupted = reference({**EPOCHS, "trainer": {"max_epochs": 2}})
     first, second = interrupted(tmp_path, name, devices, strategies)
     assert len(first["losses"]) == len(second["losses"]) == 8
-    assert_losses_close(uninterrupted["losses"][:8], first["losses"])
+    parity.assert_losses_close(uninterrupted["losses"][:8], first["losses"])
     parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][8:]}, second)
     assert second["learning_rates"] == uninterrupted["learning_rates"][8:]
     written = sorted(p.name for p in tmp_path.iterdir())
     assert f"{name}.ckpt" in written and not any(n.endswith(".partial") for n in written), written
-
-
-def assert_losses_close(expected, actual):
-    import torch
-
-    torch.testing.assert_close(torch.tensor(actual), torch.tensor(expected), rtol=parity.LOSS_RTOL, atol=0)
 
 
 def test_model_checkpoint_writes_complete_directories(tmp_path, monkeypatch):
