@@ -45,6 +45,7 @@ from lightning_parallel.data_parallel import (
 )
 from lightning_parallel.gradients import clip_grad_norm_
 from lightning_parallel.pipeline import PipelineRunner, SplitModel, check_schedule, split_model
+from lightning_parallel.pipeline.cost import hardware_for
 from lightning_parallel.pipeline.split import drop_other_stages_params
 from lightning_parallel.tensor_parallel import apply_tensor_parallel, format_plan, resolve_plan
 from lightning_parallel.layout import (
@@ -81,8 +82,8 @@ class HybridParallel(ParallelStrategy):
             pipeline parallelism (default 2 x pipeline_parallel).
         schedule: pipeline schedule: "gpipe", "1f1b", "interleaved_1f1b", "looped_bfs",
             "zero_bubble", "zbv" or "dualpipev".
-        pipeline_split: "auto" (stages balanced by measured cost) or the names of the trunk
-            layers that begin stages 1, 2, ... (e.g. ["blocks.2"]).
+        pipeline_split: "auto" (stages balanced by counted cost) or the names of the modules
+            that begin stages 1, 2, ... (e.g. ["blocks.2"]).
         backend: process-group backend; default gloo on CPU, nccl on CUDA.
         timeout: seconds a collective may wait before the run fails (instead of hanging).
     """
@@ -301,10 +302,13 @@ class HybridParallel(ParallelStrategy):
                 apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel, owned)
 
         if split is not None:
-            for stage in split.stage_modules if layout.dp > 1 else []:
-                apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
+            for stage in split.stage_modules:
+                if layout.dp > 1:
+                    apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
+                stage.publish_parameters()
             self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
-                                            self.device_mesh["pp"].get_group(), self.root_device)
+                                            self.device_mesh["pp"].get_group(), self.device_mesh["dp"].get_group(),
+                                            self.root_device)
             return None
         if layout.dp == 1:
             return None
@@ -315,7 +319,7 @@ class HybridParallel(ParallelStrategy):
     def _split(self, module, trainer) -> SplitModel:
         step, batch = self._probe(trainer)
         split = split_model(module, step, batch, self.layout.pp, self.device_mesh["pp"].get_local_rank(),
-                            self._schedule_spec, self.micro_batches, self.pipeline_split)
+                            self._schedule_spec, self.micro_batches, self.pipeline_split, hardware_for(self.root_device))
         rank_zero_info(split.report)
         return split
 

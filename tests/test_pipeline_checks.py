@@ -6,15 +6,16 @@ from torch import nn
 
 from lightning_parallel import HybridParallel, LayoutError
 from lightning_parallel.pipeline import SCHEDULES, split_model
-from lightning_parallel.pipeline.balance import balanced_split, profile, stage_costs
+from lightning_parallel.pipeline.cost import CPU
 from lightning_parallel.pipeline.runner import split_batch
 from tests.harness import run
 from tests.models import token_data, tiny_gpt
+from tests.stage_timing import plan_for, spread, stage_seconds
 
 
 def split(module, pp=2, schedule="1f1b", micro_batches=4, pipeline_split="auto", batch=None):
     batch = batch if batch is not None else [t[:8] for t in token_data()[0].tensors]
-    return split_model(module, "training_step", batch, pp, 0, SCHEDULES[schedule], micro_batches, pipeline_split)
+    return split_model(module, "training_step", batch, pp, 0, SCHEDULES[schedule], micro_batches, pipeline_split, CPU)
 
 
 @pytest.mark.parametrize(
@@ -33,13 +34,24 @@ def test_bad_pipeline_arguments(kwargs, message):
         HybridParallel(**kwargs)
 
 
-def test_more_stages_than_layers():
-    with pytest.raises(LayoutError, match=r"4 pipeline stages \(2 ranks x 2 stages each\) need at least 4 layers in the trunk 'blocks'"):
-        split(tiny_gpt(n_layers=3), schedule="interleaved_1f1b")
+def test_more_stages_than_places_to_cut():
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+        def training_step(self, batch, batch_idx):
+            return self(batch).sum()
+
+    with pytest.raises(LayoutError, match=r"4 pipeline stages need 3 places to cut the forward, but it offers 1: it calls a, b\."):
+        split(TwoCalls(), schedule="interleaved_1f1b", batch=torch.randn(8, 4))
 
 
 def test_bad_split_points():
-    with pytest.raises(LayoutError, match=r"split point 'blocks.9' is not a layer of the trunk 'blocks'"):
+    with pytest.raises(LayoutError, match=r"split point 'blocks.9' is not a module the forward calls after its first one; the forward calls, in order: tok_emb, pos_emb, drop, blocks.0, blocks.1"):
         split(tiny_gpt(n_layers=4), pipeline_split=["blocks.9"])
     with pytest.raises(LayoutError, match=r"lists 2 split points, but 2 stages need 1"):
         split(tiny_gpt(n_layers=4), pipeline_split=["blocks.1", "blocks.2"])
@@ -71,7 +83,7 @@ def test_weights_tied_across_stages():
         split(model, pipeline_split=["blocks.2"])
 
 
-def test_parameters_used_directly_in_forward_are_refused():
+def test_bare_parameters_belong_to_the_stage_that_reads_them():
     class DirectParam(Branchy):
         def __init__(self):
             super().__init__()
@@ -80,16 +92,42 @@ def test_parameters_used_directly_in_forward_are_refused():
         def forward(self, x):
             return self.blocks(x) * self.scale
 
-    with pytest.raises(LayoutError, match=r"uses the parameter 'scale' directly\. .* wrap it in a small nn.Module"):
-        split(DirectParam(), batch=torch.randn(8, 4))
+    model = DirectParam()
+    last = split_model(model, "training_step", torch.randn(8, 4), 2, 1, SCHEDULES["1f1b"], 4, "auto", CPU)
+    assert any(p is model.scale for p in last.stage_modules[0].parameters())
+    assert "+ scale" in last.report.splitlines()[2]  # the last stage's line
+    first = split_model(DirectParam(), "training_step", torch.randn(8, 4), 2, 0, SCHEDULES["1f1b"], 4, "auto", CPU)
+    assert not any(p.shape == (4,) and p.dim() == 1 and p is not None and "scale" in n
+                   for n, p in first.stage_modules[0].named_parameters())
+
+
+def test_a_module_using_another_modules_parameter_is_refused():
+    class Borrower(nn.Module):
+        def __init__(self, lender):
+            super().__init__()
+            object.__setattr__(self, "lender", lender)  # a reference the graph cannot see
+
+        def forward(self, x):
+            return x @ self.lender.weight
+
+    class Borrowing(Branchy):
+        def __init__(self):
+            super().__init__()
+            self.borrower = Borrower(self.blocks[0])
+
+        def forward(self, x):
+            return self.borrower(self.blocks(x))
+
+    with pytest.raises(LayoutError, match=r"'borrower' uses the parameter\(s\) \['blocks.0.weight'\], which belong to another module"):
+        split(Borrowing(), batch=torch.randn(8, 4))
 
 
 def test_step_must_call_the_model():
     class NoForward(Branchy):
         def training_step(self, batch, batch_idx):
-            return self.blocks(batch).sum()
+            return (batch @ self.blocks[0].weight).sum()
 
-    with pytest.raises(LayoutError, match=r"NoForward.training_step never calls self\(...\)"):
+    with pytest.raises(LayoutError, match=r"NoForward.training_step never calls the model\. .* `self\(x\)` or a child module's `self.model\(x\)`"):
         split(NoForward(), batch=torch.randn(8, 4))
 
 
@@ -122,19 +160,64 @@ class HeavyHead(nn.Module):
         return self.head(x)
 
 
-def test_auto_split_balances_measured_cost_where_layer_counts_do_not():
+def test_auto_split_balances_timed_cost_where_layer_counts_do_not():
     torch.manual_seed(0)
-    model = HeavyHead()
-    idx = torch.randint(1024, (8, 64))
-    measured = profile(model, list(model.blocks), lambda: model(idx), repeats=5)
-    auto = balanced_split(measured.blocks, measured.prologue, measured.epilogue, 2)
-    by_count = [0] * 8 + [1] * 8
+    model = HeavyHeadModule()
+    batch = torch.randint(1024, (16, 64))
+    entry, chosen, plan, call = plan_for(model, batch, 2)
+    assert chosen.costs[-1] > 2 * max(chosen.costs[1:-1])  # the head is counted heavy
+    assert plan.owned_modules[0].count("emb") and len(plan.owned_modules[0]) > 9  # stage 0 takes more blocks
+    _, _, even, _ = plan_for(model, batch, 2, names=["blocks.8"])
+    assert spread(stage_seconds(entry, plan, call)) <= 0.15
+    assert spread(stage_seconds(entry, even, call)) > 0.15
 
-    def spread(block_stage):
-        costs = stage_costs(measured, block_stage, 2)
-        return (max(costs) - min(costs)) / max(costs)
 
-    assert measured.epilogue > 2 * max(measured.blocks)  # the head is heavy
-    assert spread(auto) <= 0.15, (auto, measured)
-    assert spread(by_count) > 0.15, measured
-    assert auto.count(0) > 8  # the first stage takes more blocks to make up for the head
+class HeavyHeadModule(HeavyHead):
+    def training_step(self, batch, batch_idx):
+        return self(batch).float().pow(2).mean()
+
+
+class IdenticalBlocks(nn.Module):
+    """A Llama-like trunk of four identical blocks and a small head."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.emb = nn.Embedding(128, d)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)) for _ in range(4)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 128)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(self.norm(x))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).pow(2).mean()
+
+
+def test_identical_blocks_split_evenly_every_time():
+    batch = torch.randint(128, (8, 32))
+    for _ in range(10):
+        _, chosen, plan, _ = plan_for(IdenticalBlocks(), batch, 2)
+        assert [m for m in plan.owned_modules[0] if m.startswith("blocks.")] == ["blocks.0", "blocks.1"], plan.owned_modules
+        assert [m for m in plan.owned_modules[1] if m.startswith("blocks.")] == ["blocks.2", "blocks.3"], plan.owned_modules
+
+
+def test_cuts_only_where_one_tensor_crosses():
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            pair = (self.a(x), x.shape[0])  # a tuple crosses if cut after a
+            h = self.b(pair[0]) * pair[1]
+            return self.c(h)
+
+        def training_step(self, batch, batch_idx):
+            return self(batch).sum()
+
+    _, chosen, plan, _ = plan_for(Pairs(), torch.randn(8, 4), 2)
+    assert plan.owned_modules == [["a", "b"], ["c"]] or plan.owned_modules[0] == ["a"]

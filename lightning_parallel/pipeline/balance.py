@@ -1,177 +1,166 @@
-"""Measure what each layer costs and cut the trunk into stages of equal measured cost.
+"""Cut the forward's units into stages of equal counted cost.
 
-Layer counts lie: an embedding or an LM head can cost several blocks. The profile times every
-module call of one forward and backward on a real micro-batch (module hooks), groups the
-times into the prologue (before the first trunk layer, lands on the first stage), each trunk
-layer, and the epilogue (after the last layer, lands on the last stage), and averages them
-over all ranks so every rank computes the same split.
+Layer counts lie (an embedding or an LM head can cost several blocks), and timings are noisy
+(two runs of the same model could cut differently). Costs are counted instead (cost.py): the
+same model and input shapes give the same split on every run and every rank. Where the best
+cut of the current units is still uneven, the costliest container among them (an
+nn.Sequential, or a module holding a list of layers) is opened and its layers become units.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 
 from lightning_parallel.layout import LayoutError
+from lightning_parallel.pipeline.cost import Hardware
+from lightning_parallel.pipeline.split import Measured, allowed_cuts, measure, trace, unit_costs, units_of
+
+# Open containers until the costliest stage is within this fraction of the ideal (total / stages).
+BALANCE_TOLERANCE = 0.05
 
 
 @dataclass
-class Profile:
-    prologue: float
-    blocks: list[float]
-    epilogue: float
+class Split:
+    graph: fx.Graph
+    measured: Measured
+    unit_stage: list[int]  # stage of each unit, in the forward's order
+    costs: list[float]  # seconds of forward per unit (code between units included)
+    opened: set[str]
 
 
-def _sync() -> None:
-    if torch.accelerator.is_available():
-        torch.accelerator.synchronize()
-
-
-def profile(model: nn.Module, blocks: list[nn.Module], run_forward, repeats: int = 3) -> Profile:
-    """Seconds of forward+backward per unit (median over `repeats`), averaged over ranks.
-    `run_forward()` runs the model's forward on a probe micro-batch and returns its output."""
-    block_index = {id(b): i for i, b in enumerate(blocks)}
-    samples: list[list[float]] = []
-    for _ in range(repeats):
-        costs = [0.0] * (len(blocks) + 2)  # prologue, blocks..., epilogue
-        phase = {"unit": 0}
-        started: dict[int, float] = {}
-
-        def unit_of(module):
-            return block_index[id(module)] + 1 if id(module) in block_index else phase["unit"]
-
-        def pre(module, args):
-            _sync()
-            started[id(module)] = time.perf_counter()
-
-        def post(module, args, output):
-            _sync()
-            unit = unit_of(module)
-            costs[unit] += time.perf_counter() - started.pop(id(module))
-            if id(module) in block_index:
-                phase["unit"] = len(blocks) + 1 if block_index[id(module)] == len(blocks) - 1 else unit
-
-        def bwd_pre(module, grad_output):
-            _sync()
-            started[-id(module)] = time.perf_counter()
-
-        def bwd_post(module, grad_input, grad_output):
-            _sync()
-            costs[backward_unit[id(module)]] += time.perf_counter() - started.pop(-id(module), time.perf_counter())
-
-        inside_blocks = {id(m) for b in blocks for m in b.modules() if m is not b}
-        timed = [
-            m for m in model.modules()
-            if id(m) in block_index or (id(m) not in inside_blocks and not list(m.children()) and list(m.parameters(recurse=False)))
-        ]
-        backward_unit: dict[int, int] = {}
-        handles = []
-        for m in timed:
-            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-
-        def remember_unit(module, args, output):
-            backward_unit[id(module)] = unit_of(module) if id(module) in block_index else phase["unit"]
-
-        for m in timed:
-            handles += [m.register_forward_hook(remember_unit, prepend=True),
-                        m.register_full_backward_pre_hook(bwd_pre), m.register_full_backward_hook(bwd_post)]
-        try:
-            with warnings.catch_warnings():
-                # The first timed module (an embedding of integer tokens) has no input that
-                # requires grad; torch warns that its hook sees output gradients only, as intended.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                output = run_forward()
-                loss = sum(t.float().sum() for t in _tensors(output) if t.requires_grad)
-                loss.backward()
-        finally:
-            for handle in handles:
-                handle.remove()
-        model.zero_grad(set_to_none=True)
-        samples.append(costs)
-    median = torch.tensor(samples).median(dim=0).values
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(median, op=dist.ReduceOp.SUM)
-        median /= dist.get_world_size()
-    median = median.tolist()
-    return Profile(median[0], median[1:-1], median[-1])
-
-
-def _tensors(value):
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return [t for t in vars(value).values() if isinstance(t, torch.Tensor)] if hasattr(value, "__dict__") else []
-
-
-def balanced_split(costs: list[float], first_extra: float, last_extra: float, num_stages: int) -> list[int]:
-    """Stage of each block: contiguous, at least one block per stage, the largest stage cost
-    (the first stage also pays `first_extra`, the last `last_extra`) as small as possible."""
+def balanced_split(costs: list[float], allowed: list[bool], num_stages: int) -> list[int] | None:
+    """Stage of each unit: contiguous, at least one unit per stage, cuts only where allowed,
+    the largest stage cost as small as possible. None if there are too few places to cut."""
     n = len(costs)
-    if num_stages > n:
-        raise LayoutError(f"{num_stages} pipeline stages need at least {num_stages} trunk layers to cut between; the model has {n}.")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
-
-    def stage_cost(start, end, stage):
-        extra = (first_extra if stage == 0 else 0.0) + (last_extra if stage == num_stages - 1 else 0.0)
-        return prefix[end] - prefix[start] + extra
-
     inf = float("inf")
-    # best[s][i]: smallest max cost putting blocks[:i] on stages 0..s-1; cut[s][i]: where stage s-1 began.
+    # best[s][i]: smallest max cost putting units[:i] on stages 0..s-1; start[s][i]: where stage s-1 began.
     best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    start = [[0] * (n + 1) for _ in range(num_stages + 1)]
     best[0][0] = 0.0
     for s in range(1, num_stages + 1):
-        for i in range(s, n - (num_stages - s) + 1):
+        ends = [n] if s == num_stages else [i for i in range(s, n) if allowed[i]]
+        for i in ends:
             for j in range(s - 1, i):
-                value = max(best[s - 1][j], stage_cost(j, i, s - 1))
+                if j > 0 and not allowed[j] or best[s - 1][j] == inf:
+                    continue
+                value = max(best[s - 1][j], prefix[i] - prefix[j])
                 if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
+                    best[s][i], start[s][i] = value, j
+    if best[num_stages][n] == inf:
+        return None
     stages, end = [0] * n, n
     for s in range(num_stages, 0, -1):
-        start = cut[s][end]
-        for i in range(start, end):
-            stages[i] = s - 1
-        end = start
+        begin = start[s][end]
+        stages[begin:end] = [s - 1] * (end - begin)
+        end = begin
     return stages
 
 
-def stage_costs(profile: Profile, block_stage: list[int], num_stages: int) -> list[float]:
-    costs = [0.0] * num_stages
-    for cost, stage in zip(profile.blocks, block_stage):
-        costs[stage] += cost
-    costs[0] += profile.prologue
-    costs[-1] += profile.epilogue
-    return costs
+def stage_costs(costs: list[float], unit_stage: list[int], num_stages: int) -> list[float]:
+    totals = [0.0] * num_stages
+    for cost, stage in zip(costs, unit_stage):
+        totals[stage] += cost
+    return totals
 
 
-def split_from_names(trunk: str, names: list[str], n_blocks: int, num_stages: int) -> list[int]:
-    """Stage of each block from explicit split points: the names of the layers that begin
-    stages 1, 2, ... (e.g. ["blocks.2", "blocks.4"])."""
+def _holds_layers(module: nn.Module, blocks_only: bool) -> bool:
+    layers = [c for c in module.children() if any(True for _ in c.parameters())]
+    if blocks_only:  # a block is a module made of modules (not a Linear, a norm, ...)
+        layers = [c for c in layers if any(True for _ in c.children())]
+    return isinstance(module, (nn.Sequential, nn.ModuleList)) and len(layers) >= 2
+
+
+def openable(module: nn.Module, blocks_only: bool = True) -> bool:
+    """A container the split could cut inside: an nn.Sequential of layers, or a module holding
+    one (or an nn.ModuleList of them). With `blocks_only`, only containers of blocks: a block
+    made of primitive modules (Linear, norms, activations) is a layer itself."""
+    return ((isinstance(module, nn.Sequential) and _holds_layers(module, blocks_only))
+            or any(_holds_layers(c, blocks_only) for c in module.children()))
+
+
+def _to_open(entry, graph, costs, ideal, refused, can_cut: bool) -> str | None:
+    """The unit to trace into next: the costliest container of blocks worth opening, else a
+    sequence of primitive layers that alone outweighs a stage (or any, when nothing can be cut)."""
+    units = [(cost, node.target) for cost, node in zip(costs, units_of(graph)) if node.target not in refused]
+    blocks = [u for u in units if u[0] > BALANCE_TOLERANCE * ideal and openable(entry.get_submodule(u[1]))]
+    layers = [u for u in units if (u[0] > ideal or not can_cut) and openable(entry.get_submodule(u[1]), blocks_only=False)]
+    candidates = blocks or layers
+    return max(candidates)[1] if candidates else None
+
+
+def auto_split(entry: nn.Module, num_stages: int, args: tuple, kwargs: dict, concrete_args: dict,
+               hardware: Hardware) -> Split:
+    opened: set[str] = set()
+    refused: set[str] = set()  # containers whose forward fx cannot trace: they stay units
+    graph = trace(entry, opened, concrete_args)
+    while True:
+        measured = measure(entry, graph, args, kwargs, hardware)
+        costs = unit_costs(graph, measured)
+        unit_stage = balanced_split(costs, allowed_cuts(graph, measured), num_stages)
+        ideal = sum(costs) / num_stages
+        worst = max(stage_costs(costs, unit_stage, num_stages)) if unit_stage else float("inf")
+        if worst <= ideal * (1 + BALANCE_TOLERANCE):
+            break
+        name = _to_open(entry, graph, costs, ideal, refused | opened, unit_stage is not None)
+        if name is None:
+            break
+        try:
+            graph = trace(entry, opened | {name}, concrete_args)
+            opened.add(name)
+        except LayoutError:
+            refused.add(name)
+            graph = trace(entry, opened, concrete_args)
+    if unit_stage is None:
+        raise _too_few_cuts(graph, measured, num_stages)
+    return Split(graph, measured, unit_stage, costs, opened)
+
+
+def named_split(entry: nn.Module, names: list[str], num_stages: int, args: tuple, kwargs: dict,
+                concrete_args: dict, hardware: Hardware) -> Split:
+    """Stages begin at the given modules (names relative to `entry`): the containers around
+    them are opened so that each is a unit."""
     if len(names) != num_stages - 1:
         raise LayoutError(
             f"pipeline_split lists {len(names)} split points, but {num_stages} stages need {num_stages - 1}: the "
-            f"names of the layers that begin stages 1..{num_stages - 1} (e.g. '{trunk}.2')."
+            f"names of the modules that begin stages 1..{num_stages - 1} (e.g. 'blocks.2')."
         )
+    # Every container around a split point (a ModuleList is never called: opening it changes nothing).
+    opened = {name.rsplit(".", k)[0] for name in names for k in range(1, name.count(".") + 1)}
+    graph = trace(entry, opened, concrete_args)
+    measured = measure(entry, graph, args, kwargs, hardware)
+    units = [node.target for node in units_of(graph)]
+    allowed = allowed_cuts(graph, measured)
     starts = []
     for name in names:
-        prefix = f"{trunk}."
-        index = name[len(prefix):] if name.startswith(prefix) else None
-        if index is None or not index.isdigit() or not 0 < int(index) < n_blocks:
+        if name not in units or units.index(name) == 0:
             raise LayoutError(
-                f"pipeline_split point {name!r} is not a layer of the trunk {trunk!r} other than the first "
-                f"(use '{trunk}.1' ... '{trunk}.{n_blocks - 1}')."
+                f"pipeline_split point {name!r} is not a module the forward calls after its first one; the "
+                f"forward calls, in order: {', '.join(dict.fromkeys(units))}."
             )
-        starts.append(int(index))
+        start = units.index(name)
+        if not allowed[start]:
+            raise LayoutError(
+                f"pipeline_split point {name!r}: stages cannot be cut there (a module called on both sides, or a "
+                "value that is not one tensor would cross). Pick a neighbouring module."
+            )
+        starts.append(start)
     if starts != sorted(set(starts)):
-        raise LayoutError(f"pipeline_split points {names} must be distinct and in order.")
-    return [sum(1 for start in starts if i >= start) for i in range(n_blocks)]
+        raise LayoutError(f"pipeline_split points {names} must be distinct and in the forward's order.")
+    unit_stage = [sum(1 for s in starts if i >= s) for i in range(len(units))]
+    return Split(graph, measured, unit_stage, unit_costs(graph, measured), opened)
+
+
+def _too_few_cuts(graph: fx.Graph, measured: Measured, num_stages: int) -> LayoutError:
+    units = [node.target for node in units_of(graph)]
+    places = sum(allowed_cuts(graph, measured))
+    return LayoutError(
+        f"{num_stages} pipeline stages need {num_stages - 1} places to cut the forward, but it offers {places}: "
+        f"it calls {', '.join(units)}. Stages are cut between module calls (not where a module is called on both "
+        "sides or a value other than one tensor would cross). Lower pipeline_parallel, or pick a schedule with one "
+        "stage per rank."
+    )

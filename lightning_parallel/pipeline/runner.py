@@ -14,13 +14,15 @@
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.pipeline.schedules import build_eval_schedule, build_schedule, stages_of_rank
@@ -32,27 +34,38 @@ class _Captured(Exception):
     pass
 
 
-def capture_forward_call(module, step_name: str, *step_args) -> tuple[tuple, dict]:
-    """The (args, kwargs) the user's step passes to `self(...)`."""
+def capture_call(module, step_name: str, *step_args, entry: str | None = None) -> tuple[str, tuple, dict]:
+    """Which module the step runs the model through, and the (args, kwargs) of that call: the
+    LightningModule's own `self(...)`, or a child holding parameters called directly
+    (`self.model(...)`, a Hugging Face model say). `entry` names it when known."""
+    if entry is None:
+        candidates = [("", module)] + [(n, c) for n, c in module.named_children() if any(True for _ in c.parameters())]
+    else:
+        candidates = [(entry, module.get_submodule(entry))]
     call: dict[str, Any] = {}
 
-    def record(*args, **kwargs):
-        call["args"], call["kwargs"] = args, kwargs
-        raise _Captured
+    def recorder(name):
+        def record(*args, **kwargs):
+            call.update(name=name, args=args, kwargs=kwargs)
+            raise _Captured
 
-    module.forward = record
+        return record
+
+    for name, candidate in candidates:
+        candidate.forward = recorder(name)
     try:
         getattr(module, step_name)(*step_args)
     except _Captured:
         pass
     finally:
-        del module.forward
+        for _, candidate in candidates:
+            del candidate.forward
     if "args" not in call:
         raise LayoutError(
-            f"{type(module).__name__}.{step_name} never calls self(...). Under pipeline_parallel the step must "
-            "run the model through its forward (e.g. `logits = self(x)`), whose output the last stage provides."
+            f"{type(module).__name__}.{step_name} never calls the model. Under pipeline_parallel the step must run "
+            "it through its forward, `self(x)` or a child module's `self.model(x)`, whose output the last stage provides."
         )
-    return call["args"], call["kwargs"]
+    return call["name"], call["args"], call["kwargs"]
 
 
 @contextmanager
@@ -63,6 +76,28 @@ def output_standing_in(module, output):
         yield
     finally:
         del module.forward
+
+
+class _ForwardParameterAudit(TorchFunctionMode):
+    """Records the forward's parameters a step uses itself, outside the forward, and lends it
+    zeros in their place (they may sit on another stage, or be sharded) so the step completes
+    and every rank can refuse the run together."""
+
+    def __init__(self, forward_params: dict[int, str], device):
+        super().__init__()
+        self.forward_params = forward_params
+        self.device = device
+        self.used: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def lend(value):
+            if isinstance(value, torch.Tensor) and id(value) in self.forward_params:
+                self.used.add(self.forward_params[id(value)])
+                return torch.zeros(value.shape, dtype=value.dtype, device=self.device)
+            return value
+
+        args, kwargs = tree_map(lend, (args, kwargs or {}))
+        return func(*args, **kwargs)
 
 
 @contextmanager
@@ -134,30 +169,60 @@ def concrete_args_for(module, args: tuple, kwargs: dict) -> dict:
 
 
 class PipelineRunner:
-    """This rank's stages, their schedule, and the Lightning steps run through it."""
+    """This rank's stages, their schedules (one per input shape), and Lightning's steps run
+    through them."""
 
-    def __init__(self, module, split, spec, micro_batches: int, pp_group, device) -> None:
+    SHAPES_KEPT = 8  # schedules kept per kind of step, the least recently used dropped first
+
+    def __init__(self, module, split, spec, micro_batches: int, pp_group, dp_group, device) -> None:
         self.module = module
+        self.entry_name = split.entry
+        self.entry = module.get_submodule(split.entry)
+        self.split = split
+        self.spec = spec
         self.micro_batches = micro_batches
         self.pp_group = pp_group
+        self.dp_group = dp_group
         self.device = device
         pp = dist.get_world_size(pp_group)
         # The pp-group rank that holds the last stage (rank 0 for the V-shaped schedules).
         self.last_stage_rank = next(r for r in range(pp) if split.num_stages - 1 in stages_of_rank(spec, r, pp))
         self.has_first = 0 in split.stage_ids
         self.has_last = split.num_stages - 1 in split.stage_ids
-        self.stages = [
-            PipelineStage(sm, sid, split.num_stages, device, group=pp_group)
-            for sm, sid in zip(split.stage_modules, split.stage_ids)
-        ]
+        # Parameters no stage's forward uses train on the last stage, where the steps run.
+        outside = {name: module.get_parameter(name) for name in split.outside} if self.has_last else {}
+        self.outside = [p for p in outside.values() if p.requires_grad]
+        self.parameters = [p for sm in split.stage_modules for p in sm.parameters()] + self.outside
+        self.forward_params = {id(p): name for name, p in module.named_parameters() if name not in split.outside}
+        self._schedules: OrderedDict = OrderedDict()
+        self._audited: set[str] = set()
         self._loss_fn = None
-        self.schedule = build_schedule(spec, self.stages, micro_batches, self._call_loss_fn)
-        self.eval_schedule = build_eval_schedule(spec, self.stages, micro_batches, self._call_loss_fn)
-        self.parameters = [p for sm in split.stage_modules for p in sm.parameters()]
         self._set_aside: list = []
 
     def _call_loss_fn(self, output, index):
         return self._loss_fn(output, index)
+
+    def _schedule(self, kind: str, batch):
+        """The schedule for this batch's shapes. torch's stages infer the shapes they send and
+        receive on their first step and keep them, so each shape gets stages of its own."""
+        key = (kind, tuple((tuple(t.shape), t.dtype) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)))
+        if key not in self._schedules:
+            stages = [
+                PipelineStage(sm, sid, self.split.num_stages, self.device, group=self.pp_group)
+                for sm, sid in zip(self.split.stage_modules, self.split.stage_ids)
+            ]
+            build = build_schedule if kind == "train" else build_eval_schedule
+            self._schedules[key] = build(self.spec, stages, self.micro_batches, self._call_loss_fn)
+            if len(self._schedules) > self.SHAPES_KEPT:
+                self._schedules.popitem(last=False)
+        self._schedules.move_to_end(key)
+        return self._schedules[key]
+
+    def _audit(self, step_name: str):
+        """On a step's first call: which of the forward's parameters the step uses itself."""
+        if step_name in self._audited or not self.has_last:
+            return None
+        return _ForwardParameterAudit(self.forward_params, self.device)
 
     def train_step(self, batch, batch_idx, accumulate: int):
         """Runs forward and backward of every micro-batch. Lightning zeroes gradients after the
@@ -167,16 +232,17 @@ class PipelineRunner:
         if batch_idx % accumulate == 0:  # a new accumulation window starts from zero
             for p in self.parameters:
                 p.grad = None
-        args, kwargs = capture_forward_call(self.module, "training_step", batch, batch_idx) if self.has_first else ((), {})
+        args, kwargs = self._model_inputs("training_step", batch, batch_idx)
         # Keyed by micro-batch: the stage's first-step shape inference also calls loss_fn (on
         # placeholder data, for micro-batch 0); the real call for that micro-batch comes later.
         records: dict[int, list] = {}
         losses: dict[int, torch.Tensor] = {}
+        audit = self._audit("training_step")
 
         def loss_fn(output, index):
             index = int(index)
             records[index] = []
-            with collecting_logs(self.module, records[index]), output_standing_in(self.module, output):
+            with collecting_logs(self.module, records[index]), output_standing_in(self.entry, output), audit or nullcontext():
                 result = self.module.training_step(micro[index], batch_idx)
             loss = result["loss"] if isinstance(result, dict) else result
             if not isinstance(loss, torch.Tensor):
@@ -187,13 +253,32 @@ class PipelineRunner:
 
         self._loss_fn = loss_fn
         target = torch.arange(self.micro_batches, device=self.device) if self.has_last else None
-        self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+        self._schedule("train", batch).step(*args, target=target, return_outputs=False, **kwargs)
+        self._average_outside_gradients()
         self._set_aside = [(p, p.grad) for p in self.parameters]
         for p in self.parameters:
             p.grad = None
         loss = torch.stack(list(losses.values())).mean().item() if self.has_last else None
-        loss, _ = self._share_and_log(loss, [record for index in sorted(records) for record in records[index]], None)
+        logs = [record for index in sorted(records) for record in records[index]]
+        loss, _ = self._share_and_log("training_step", loss, logs, None, audit)
         return torch.tensor(loss, device=self.device)
+
+    def _model_inputs(self, step_name: str, *step_args) -> tuple[tuple, dict]:
+        if not self.has_first:
+            return (), {}
+        _, args, kwargs = capture_call(self.module, step_name, *step_args, entry=self.entry_name)
+        return args, kwargs
+
+    def _average_outside_gradients(self) -> None:
+        """Data parallelism for the parameters outside the forward: one all-reduce of their
+        gradients (averaging already-averaged ones again changes nothing, so accumulation works)."""
+        grads = [p.grad for p in self.outside if p.grad is not None]
+        if not grads or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
+        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(averaged.view_as(grad))
 
     def restore_gradients(self) -> None:
         for p, grad in self._set_aside:
@@ -202,24 +287,34 @@ class PipelineRunner:
 
     def eval_step(self, step_name: str, batch, batch_idx, *rest):
         split_batch(batch, self.micro_batches)  # the divisibility check
-        args, kwargs = capture_forward_call(self.module, step_name, batch, batch_idx, *rest) if self.has_first else ((), {})
+        args, kwargs = self._model_inputs(step_name, batch, batch_idx, *rest)
         # The schedule asks the last stage for a loss even when it runs forward only.
         self._loss_fn = lambda output, index: output.new_zeros(()) if isinstance(output, torch.Tensor) else torch.zeros(())
         target = torch.arange(self.micro_batches, device=self.device) if self.has_last else None
         with torch.inference_mode(False), torch.no_grad():
-            output = self.eval_schedule.eval(*args, target=target, **kwargs)
+            output = self._schedule("eval", batch).eval(*args, target=target, **kwargs)
         records, result = [], None
+        audit = self._audit(step_name)
         if self.has_last:
-            with collecting_logs(self.module, records), output_standing_in(self.module, output):
+            with collecting_logs(self.module, records), output_standing_in(self.entry, output), audit or nullcontext():
                 result = getattr(self.module, step_name)(batch, batch_idx, *rest)
-        _, result = self._share_and_log(None, records, result)
+        _, result = self._share_and_log(step_name, None, records, result, audit)
         return result
 
-    def _share_and_log(self, loss, records, result):
-        """Sends the last stage's loss, logs and step result to every stage; logs there."""
-        payload = [(loss, combine_logs(records, self.module), result)]
+    def _share_and_log(self, step_name, loss, records, result, audit):
+        """Sends the last stage's loss, logs and step result to every stage; logs there. Refuses
+        the run on every stage alike if the step used the forward's parameters itself."""
+        misused = sorted(audit.used) if audit is not None else []
+        payload = [(loss, combine_logs(records, self.module), result, misused)]
         dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank)
-        loss, logs, result = payload[0]
+        loss, logs, result, misused = payload[0]
+        self._audited.add(step_name)
+        if misused:
+            raise LayoutError(
+                f"{type(self.module).__name__}.{step_name} uses the parameter(s) {misused} itself, outside the "
+                "forward, which uses them too. Under pipeline_parallel these live on one stage (sharded under data "
+                "parallelism) while the step runs on the last: use them only in the forward, or only in the step."
+            )
         for name, value, args, kwargs in logs:
             if isinstance(value, tuple):  # ("metric", attribute)
                 value = self.module.get_submodule(value[1])

@@ -1,12 +1,16 @@
-"""Split a LightningModule's forward into pipeline stages, without changing the module.
+"""Split the module a step calls into pipeline stages, without changing it.
 
-The forward is traced once with torch.fx, the blocks of the model's trunk (its largest
-nn.ModuleList / nn.Sequential) kept as opaque calls. Each graph node is given to a stage:
-block i to the stage that holds it, every other node to the latest stage among its inputs
-(so the prologue before the blocks lands on the first stage and the epilogue after them on
-the last). A stage runs its nodes with the model's own submodules, so tensor and data
-parallelism applied to those submodules take effect, and shapes stay dynamic (blocks run
-eagerly; only the glue between them is replayed from the graph).
+The forward is traced with torch.fx, every submodule kept opaque (a *unit*: called, not traced
+into) unless the split has to cut inside it, so user code runs as written and each parameter
+belongs to the module that holds it. Stages are cut between consecutive unit calls in the
+forward's order. A container is opened (traced into) only when its cost stands in the way of a
+balanced split, so a ResNet's stages or a U-Net's encoder split as finely as balance needs.
+
+Each graph node goes to a stage: a unit to the stage of its place in the order, any other node
+to the latest stage among its inputs (the code before the first cut lands on the first stage,
+the code after the last cut on the last). Values used by a later stage cross every stage in
+between. Bare parameters and buffers the forward reads (`x + self.pos`) belong to the stage
+that reads them. A stage replays its share of the graph with the model's own modules.
 """
 
 from __future__ import annotations
@@ -15,221 +19,379 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map_only
 
 from lightning_parallel.layout import LayoutError
+from lightning_parallel.pipeline.cost import Hardware, OpCost
 
 
-def find_trunk(module: nn.Module) -> tuple[str, list[nn.Module]]:
-    """The nn.ModuleList / nn.Sequential holding the most parameters: its children are the
-    layers stages are cut between."""
-    best, best_size = None, 0
-    for name, sub in module.named_modules():
-        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) >= 2:
-            size = sum(p.numel() for p in sub.parameters())
-            if size > best_size:
-                best, best_size = name, size
-    if best is None:
-        raise LayoutError(
-            "pipeline_parallel needs a trunk to cut: an nn.ModuleList or nn.Sequential of at least two "
-            f"layers in {type(module).__name__}, run by its forward. None was found."
-        )
-    return best, list(module.get_submodule(best))
+class _UnitTracer(fx.Tracer):
+    """Every submodule is a leaf (a call in the graph) except those named in `opened`."""
 
-
-class _TrunkTracer(fx.Tracer):
-    def __init__(self, blocks: set[int]):
+    def __init__(self, opened: set[str]):
         super().__init__()
-        self.blocks = blocks
+        self.opened = opened
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        return id(module) in self.blocks or super().is_leaf_module(module, qualname)
+        return qualname not in self.opened
 
 
-def trace(module: nn.Module, blocks: list[nn.Module], concrete_args: dict | None = None) -> fx.Graph:
+def trace(entry: nn.Module, opened: set[str], concrete_args: dict | None = None) -> fx.Graph:
     """`concrete_args` fixes the forward arguments the step does not pass (to their defaults)."""
     try:
-        return _TrunkTracer({id(b) for b in blocks}).trace(module, concrete_args=concrete_args)
+        return _UnitTracer(opened).trace(entry, concrete_args=concrete_args)
     except Exception as err:
+        inside = f" (tracing into {', '.join(sorted(opened))})" if opened else ""
         raise LayoutError(
-            f"pipeline_parallel cannot split {type(module).__name__}.forward: torch.fx could not trace it "
-            f"({type(err).__name__}: {err}). The forward outside the trunk's layers must not branch on tensor "
-            "values or iterate over tensors; move such code into a layer, or set pipeline_parallel=1."
+            f"pipeline_parallel cannot split {type(entry).__name__}.forward: torch.fx could not trace it{inside} "
+            f"({type(err).__name__}: {err}). The forward outside its submodules must not branch on tensor "
+            "values or iterate over tensors; move such code into a submodule, or set pipeline_parallel=1."
         ) from err
+
+
+def units_of(graph: fx.Graph) -> list[fx.Node]:
+    return [node for node in graph.nodes if node.op == "call_module"]
+
+
+# ------------------------------------------------------------------------ running the graph
+
+
+def bind_placeholders(graph: fx.Graph, args: tuple, kwargs: dict) -> dict[fx.Node, object]:
+    """The forward's arguments for its placeholder nodes (defaults where the call gave none)."""
+    env: dict[fx.Node, object] = {}
+    positional = iter(args)
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.target in kwargs:
+                env[node] = kwargs[node.target]
+            else:
+                env[node] = next(positional, node.args[0] if node.args else None)
+    return env
+
+
+def run_node(node: fx.Node, env: dict, model: nn.Module, bare: dict[str, torch.Tensor]):
+    """The value of one non-placeholder node, given its inputs' values in `env`."""
+    if node.op == "get_attr":
+        return bare[node.target] if node.target in bare else resolve(model, node.target)
+    args = fx.node.map_arg(node.args, env.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+    if node.op == "call_module":
+        return model.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    obj, *rest = args  # call_method
+    return getattr(obj, node.target)(*rest, **kwargs)
+
+
+class _ParameterUse(TorchFunctionMode):
+    """Records which parameters torch functions receive: `originals` maps the id of each
+    tensor to watch (a parameter, or a stand-in for one) to the id of the parameter."""
+
+    def __init__(self, originals: dict[int, int]):
+        super().__init__()
+        self.originals = originals
+        self.used: set[int] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for value in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(value, torch.Tensor) and id(value) in self.originals:
+                self.used.add(self.originals[id(value)])
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Measured:
+    """One run of the traced forward on a probe micro-batch."""
+
+    cost: dict[fx.Node, float]  # priced seconds of the node's forward and backward
+    is_tensor: dict[fx.Node, bool]  # whether the node's value is one tensor (only those can cross stages)
+    touched: dict[fx.Node, set[int]]  # ids of the parameters the node's computation used
+
+
+def measure(entry: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict, hardware: Hardware) -> Measured:
+    """Runs the graph node by node, pricing each (on meta tensors where the forward allows)."""
+    try:
+        return _measure(entry, graph, args, kwargs, hardware, on_meta=True)
+    except Exception:  # the forward needs real values: count it on them
+        return _measure(entry, graph, args, kwargs, hardware, on_meta=False)
+
+
+def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
+    params = {id(p): id(p) for p in entry.parameters()}
+    env = bind_placeholders(graph, args, kwargs)
+    measured = Measured({}, {}, {})
+    with OpCost(hardware, on_meta) as counter:
+        for node in graph.nodes:
+            before, used = counter.seconds, set()
+            if node.op == "call_module":
+                env[node], used = _unit_forward_backward(entry.get_submodule(node.target), node, env, on_meta, params)
+            elif node.op not in ("placeholder", "output"):
+                with torch.no_grad(), _ParameterUse(params) as use:
+                    env[node] = run_node(node, env, entry, {})
+                used = use.used
+            measured.touched[node] = used
+            # Backward costs about twice the forward for the code between modules.
+            measured.cost[node] = (counter.seconds - before) * (1 if node.op == "call_module" else 3)
+            measured.is_tensor[node] = isinstance(env.get(node), torch.Tensor)
+    return measured
+
+
+def _unit_forward_backward(module: nn.Module, node: fx.Node, env: dict, on_meta: bool, params: dict[int, int]):
+    """Runs one unit's forward and backward on stand-ins for its parameters (meta ones, or
+    detached copies): its gradients are counted, and the model's own are left untouched.
+    Returns the (detached) output and the ids of the parameters it used (of all `params`)."""
+    device = "meta" if on_meta else None
+    own = dict(module.named_parameters(remove_duplicate=False))
+    stand_ins = {name: p.detach().to(device or p.device).requires_grad_(p.requires_grad) for name, p in own.items()}
+    originals = {**params, **{id(stand_ins[name]): id(p) for name, p in own.items()}}
+    tensors = {**stand_ins, **{n: b.to(device or b.device) for n, b in module.named_buffers(remove_duplicate=False)}}
+
+    def leaf(value):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().to(device or value.device)
+            return value.requires_grad_(value.is_floating_point())
+        return value
+
+    node_args = fx.node.map_arg(node.args, lambda n: tree_map_only(torch.Tensor, leaf, env[n]))
+    node_kwargs = fx.node.map_arg(node.kwargs, lambda n: tree_map_only(torch.Tensor, leaf, env[n]))
+    with torch.enable_grad(), _ParameterUse(originals) as use:
+        out = torch.func.functional_call(module, tensors, tuple(node_args), dict(node_kwargs))
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+        wrt = [t for t in [*stand_ins.values(), *tree_flatten((node_args, node_kwargs))[0]]
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+        if outs and wrt:
+            torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs], allow_unused=True)
+    return tree_map_only(torch.Tensor, lambda t: t.detach(), out), use.used
+
+
+# ------------------------------------------------------------------------ where stages may be cut
+
+
+def unit_costs(graph: fx.Graph, measured: Measured) -> list[float]:
+    """Each unit's cost, with the code between units added to the unit before it."""
+    costs: list[float] = []
+    pending = 0.0
+    for node in graph.nodes:
+        if node.op == "call_module":
+            costs.append(measured.cost[node] + pending)
+            pending = 0.0
+        elif costs:
+            costs[-1] += measured.cost[node]
+        else:
+            pending += measured.cost[node]
+    return costs
+
+
+def assign_nodes(graph: fx.Graph, unit_stage: list[int], num_stages: int) -> dict[fx.Node, int]:
+    """The stage of every node but get_attr ones (each stage that reads an attribute reads it itself)."""
+    stage_of_unit = iter(unit_stage)
+    node_stage: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            continue
+        if node.op == "call_module":
+            node_stage[node] = next(stage_of_unit)
+        elif node.op == "output":
+            node_stage[node] = num_stages - 1
+        else:
+            node_stage[node] = max((node_stage[n] for n in node.all_input_nodes if n in node_stage), default=0)
+    return node_stage
+
+
+def crossing(graph: fx.Graph, node_stage: dict[fx.Node, int], stage: int) -> list[fx.Node]:
+    """The values stage `stage` hands to the next one: computed on it or earlier, used later."""
+    return [
+        node for node in graph.nodes
+        if node in node_stage and node.op != "output" and node_stage[node] <= stage
+        and any(node_stage.get(user, -1) > stage for user in node.users)
+    ]
+
+
+def allowed_cuts(graph: fx.Graph, measured: Measured) -> list[bool]:
+    """allowed[k]: whether stages may be cut between unit k-1 and unit k (allowed[0] is unused).
+    Not where a module is called on both sides, nor where a value that is not a single tensor
+    (a tuple, a Python number, None) would cross."""
+    units = units_of(graph)
+    allowed = [False] * len(units)
+    for k in range(1, len(units)):
+        before = {u.target for u in units[:k]}
+        if any(u.target in before for u in units[k:]):
+            continue
+        node_stage = assign_nodes(graph, [0] * k + [1] * (len(units) - k), 2)
+        allowed[k] = all(measured.is_tensor[node] for node in crossing(graph, node_stage, 0))
+    return allowed
+
+
+# ------------------------------------------------------------------------ the stage plan
 
 
 @dataclass
 class StagePlan:
-    """Which graph nodes each stage runs, what crosses between stages, and who owns what."""
+    """Which graph nodes each stage runs, what crosses between stages, and who owns what.
+    Names are relative to the entry module (the one the steps call)."""
 
     graph: fx.Graph
     node_stage: dict[fx.Node, int]
     inputs: list[list[fx.Node]]  # values stage s receives from stage s-1 (s > 0)
     outputs: list[list[fx.Node]]  # values stage s sends to stage s+1 (s < last)
-    owned_modules: list[list[str]]  # module names whose parameters stage s holds
-    owned_attrs: list[list[str]]  # buffers and constants read directly (get_attr) by stage s
+    owned_modules: list[list[str]]  # units (module names) stage s calls
+    owned_params: list[list[str]]  # bare parameters stage s reads directly (get_attr)
+    owned_attrs: list[list[str]]  # other attributes (buffers, constants) stage s reads directly
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.inputs)
 
 
-def plan_stages(module: nn.Module, graph: fx.Graph, trunk: str, block_stage: list[int], num_stages: int) -> StagePlan:
-    block_names = {f"{trunk}.{i}": stage for i, stage in enumerate(block_stage)}
-    node_stage: dict[fx.Node, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module" and node.target in block_names:
-            node_stage[node] = block_names[node.target]
-        elif node.op == "output":
-            node_stage[node] = num_stages - 1
-        else:
-            node_stage[node] = max((node_stage[arg] for arg in node.all_input_nodes), default=0)
-    # A value used by nothing on its own stage but by a later one could run later; running it
-    # where its inputs are is right too, and keeps the prologue on the first stage.
-
-    called = [node.target for node in graph.nodes if node.op == "call_module"]
-    blocks_called = [name for name in called if name in block_names]
-    if blocks_called != list(block_names):
-        raise LayoutError(
-            f"pipeline_parallel needs the forward to run every layer of {trunk!r} exactly once, in order; "
-            f"it ran {blocks_called}."
-        )
-
+def plan_stages(entry: nn.Module, graph: fx.Graph, unit_stage: list[int], num_stages: int,
+                measured: Measured) -> StagePlan:
+    node_stage = assign_nodes(graph, unit_stage, num_stages)
     owned_modules: list[list[str]] = [[] for _ in range(num_stages)]
+    for node, stage in zip(units_of(graph), unit_stage):
+        if node.target not in owned_modules[stage]:
+            owned_modules[stage].append(node.target)
+
+    owned_params: list[list[str]] = [[] for _ in range(num_stages)]
     owned_attrs: list[list[str]] = [[] for _ in range(num_stages)]
-    users: dict[str, set[int]] = {}
     for node in graph.nodes:
-        if node.op == "call_module":
-            users.setdefault(node.target, set()).add(node_stage[node])
-        elif node.op == "get_attr":
-            users.setdefault(node.target, set()).update(node_stage[u] for u in node.users)
-    for name, stages in users.items():
-        if len(stages) > 1:
-            raise LayoutError(
-                f"{name!r} is used by pipeline stages {sorted(stages)} (a weight shared across stages, such as "
-                "tied input and output embeddings). Stages cannot share parameters: untie them, or choose a "
-                "pipeline_split that keeps their users on one stage."
-            )
-        stage = stages.pop()
-        value = _resolve(module, name)
-        if isinstance(value, nn.Parameter):
-            # A stage registers the modules it owns; a bare parameter would be missed by the
-            # stage's data parallelism and gradient handling, and silently not train.
-            raise LayoutError(
-                f"The forward uses the parameter {name!r} directly. Under pipeline_parallel, parameters must "
-                "belong to a submodule the forward calls: wrap it in a small nn.Module."
-            )
-        (owned_modules if isinstance(value, nn.Module) else owned_attrs)[stage].append(name)
+        if node.op != "get_attr":
+            continue
+        stages = sorted({node_stage[user] for user in node.users})
+        if isinstance(resolve(entry, node.target), nn.Parameter):
+            if len(stages) > 1:
+                raise LayoutError(
+                    f"The parameter {node.target!r} is used by pipeline stages {stages}. Stages cannot share "
+                    "parameters: choose a pipeline_split that keeps its users on one stage."
+                )
+            owned_params[stages[0]].append(node.target)
+        else:
+            for stage in stages:
+                owned_attrs[stage].append(node.target)
 
-    _check_no_shared_parameters(module, owned_modules)
-
+    _check_units_use_only_their_own_parameters(entry, graph, measured)
+    _check_no_shared_parameters(entry, owned_modules, owned_params)
     inputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     for s in range(num_stages - 1):
-        crossing = [
-            node for node in graph.nodes
-            if node_stage[node] <= s and node.op not in ("output", "get_attr")
-            and any(node_stage[user] > s for user in node.users)
-        ]
-        outputs[s] = crossing
-        inputs[s + 1] = crossing
-    plan = StagePlan(graph, node_stage, inputs, outputs, owned_modules, owned_attrs)
-    for s in range(1, num_stages):
-        placeholders = [n.name for n in inputs[s] if n.op == "placeholder"]
-        if placeholders:
+        outputs[s] = inputs[s + 1] = crossing(graph, node_stage, s)
+    return StagePlan(graph, node_stage, inputs, outputs, owned_modules, owned_params, owned_attrs)
+
+
+def _check_units_use_only_their_own_parameters(entry: nn.Module, graph: fx.Graph, measured: Measured) -> None:
+    """A module whose forward reads another module's parameter (through a reference the graph
+    cannot see) would find it missing on its stage."""
+    names = {id(p): name for name, p in reversed(list(entry.named_parameters(remove_duplicate=False)))}
+    for node in units_of(graph):
+        own = {id(p) for p in entry.get_submodule(node.target).parameters()}
+        foreign = sorted(names[i] for i in measured.touched[node] - own)
+        if foreign:
             raise LayoutError(
-                f"Pipeline stage {s} needs the forward's input(s) {placeholders}, but only the first stage "
-                "receives the model's inputs. Use the inputs before the trunk, or pass them through the layers."
+                f"{node.target!r} uses the parameter(s) {foreign}, which belong to another module. Under "
+                "pipeline_parallel a module may use only its own parameters (and the forward may read any "
+                "parameter directly): register them on the module that uses them."
             )
-    return plan
 
 
-def _check_no_shared_parameters(module: nn.Module, owned_modules: list[list[str]]) -> None:
-    """A parameter registered in two modules (tied weights) must not be split between stages."""
+def _check_no_shared_parameters(entry: nn.Module, owned_modules: list[list[str]], owned_params: list[list[str]]) -> None:
+    """A parameter registered in two places (tied weights) must not be split between stages."""
     holder: dict[int, tuple[int, str]] = {}
-    for stage, names in enumerate(owned_modules):
-        for name in names:
-            for pname, param in module.get_submodule(name).named_parameters():
-                where = f"{name}.{pname}"
-                if id(param) in holder and holder[id(param)][0] != stage:
-                    other_stage, other = holder[id(param)]
-                    raise LayoutError(
-                        f"{other!r} (stage {other_stage}) and {where!r} (stage {stage}) are one tied weight, such as tied "
-                        "input and output embeddings. Stages cannot share parameters: untie them, or choose a "
-                        "pipeline_split that keeps both on one stage."
-                    )
-                holder.setdefault(id(param), (stage, where))
+    for stage in range(len(owned_modules)):
+        named = [(f"{m}.{p}", param) for m in owned_modules[stage]
+                 for p, param in entry.get_submodule(m).named_parameters(remove_duplicate=False)]
+        named += [(name, resolve(entry, name)) for name in owned_params[stage]]
+        for where, param in named:
+            if id(param) in holder and holder[id(param)][0] != stage:
+                other_stage, other = holder[id(param)]
+                raise LayoutError(
+                    f"{other!r} (stage {other_stage}) and {where!r} (stage {stage}) are one tied weight, such as tied "
+                    "input and output embeddings. Stages cannot share parameters: untie them, or choose a "
+                    "pipeline_split that keeps both on one stage."
+                )
+            holder.setdefault(id(param), (stage, where))
 
 
-def _resolve(module: nn.Module, target: str):
+def resolve(module: nn.Module, target: str):
     value = module
     for part in target.split("."):
         value = getattr(value, part)
     return value
 
 
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
 class StageModule(nn.Module):
     """One pipeline stage: replays its share of the traced forward with the model's own
-    submodules. Registers only the submodules it owns, so its parameters() are the stage's."""
+    modules. Registers what it owns (its units, and the bare parameters it reads), so its
+    parameters() are the stage's and data parallelism wraps exactly them."""
 
-    def __init__(self, model: nn.Module, plan: StagePlan, stage: int) -> None:
+    def __init__(self, entry: nn.Module, plan: StagePlan, stage: int) -> None:
         super().__init__()
-        object.__setattr__(self, "_model", model)  # not a child: the stage must not own the rest
+        object.__setattr__(self, "_model", entry)  # not a child: the stage must not own the rest
         self.stage = stage
-        self.is_last = stage == len(plan.inputs) - 1
-        self.owned = nn.ModuleDict({name.replace(".", "__"): model.get_submodule(name) for name in plan.owned_modules[stage]})
-        self._nodes = [n for n in plan.graph.nodes if plan.node_stage[n] == stage and n.op != "output"]
+        self.is_last = stage == plan.num_stages - 1
+        self.owned = nn.ModuleDict({_key(name): entry.get_submodule(name) for name in plan.owned_modules[stage]})
+        self._bare_names = list(plan.owned_params[stage])
+        for name in self._bare_names:
+            self.register_parameter(_key(name), resolve(entry, name))
+        mine = {n for n, s in plan.node_stage.items() if s == stage and n.op != "placeholder"}
+        needed = {n for n in mine if n.op != "output"}
+        needed |= {attr for n in mine for attr in n.all_input_nodes if attr.op == "get_attr"}
+        self._placeholders = stage == 0
+        self._nodes = [n for n in plan.graph.nodes if n in needed]
+        self._graph = plan.graph
         self._inputs = plan.inputs[stage]
         self._outputs = plan.outputs[stage]
         self._output_node = next(n for n in plan.graph.nodes if n.op == "output")
 
     def forward(self, *args, **kwargs):
-        env: dict[fx.Node, object] = dict(zip(self._inputs, args))
-        placeholders = iter(args)
+        if self._placeholders:
+            env = bind_placeholders(self._graph, args, kwargs)
+        else:
+            env = dict(zip(self._inputs, args))
+        # Read bare parameters through this module: data parallelism swaps them here.
+        bare = {name: getattr(self, _key(name)) for name in self._bare_names}
         for node in self._nodes:
-            if node.op == "placeholder":
-                if node.target in kwargs:
-                    env[node] = kwargs[node.target]
-                else:
-                    env[node] = next(placeholders, node.args[0] if node.args else None)
-            elif node.op == "get_attr":
-                env[node] = _resolve(self._model, node.target)
-            else:
-                node_args = fx.node.map_arg(node.args, env.__getitem__)
-                node_kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-                if node.op == "call_module":
-                    env[node] = self._model.get_submodule(node.target)(*node_args, **node_kwargs)
-                elif node.op == "call_function":
-                    env[node] = node.target(*node_args, **node_kwargs)
-                else:  # call_method
-                    obj, *rest = node_args
-                    env[node] = getattr(obj, node.target)(*rest, **node_kwargs)
+            env[node] = run_node(node, env, self._model, bare)
         if self.is_last:
             return fx.node.map_arg(self._output_node.args[0], env.__getitem__)
         values = tuple(env[node] for node in self._outputs)
         return values[0] if len(values) == 1 else values
 
+    def publish_parameters(self) -> None:
+        """Puts the bare parameters this stage holds (replaced by data parallelism with sharded
+        ones) back on the model under their own names, where the optimizer and checkpoints
+        find them."""
+        for name in self._bare_names:
+            owner_name, _, attr = name.rpartition(".")
+            owner = self._model.get_submodule(owner_name) if owner_name else self._model
+            owner._parameters[attr] = getattr(self, _key(name))
 
-def _tensors_of(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *module.buffers()]
+
+def stage_tensors(entry: nn.Module, plan: StagePlan, stages) -> list[torch.Tensor]:
+    """The parameters and buffers `stages` hold: their units' and what they read directly."""
+    tensors = []
+    for s in stages:
+        for name in plan.owned_modules[s]:
+            sub = entry.get_submodule(name)
+            tensors += [*sub.parameters(), *sub.buffers()]
+        tensors += [resolve(entry, name) for name in plan.owned_params[s] + plan.owned_attrs[s]]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]
 
 
-def free_unowned(model: nn.Module, plans: StagePlan, stages: list[int]) -> None:
-    """Moves every parameter and buffer that none of `stages` owns to the meta device: it keeps
+def free_unowned(model: nn.Module, keep: list[torch.Tensor]) -> None:
+    """Moves every parameter and buffer of `model` not in `keep` to the meta device: it keeps
     its name and shape (the model summary still counts it) but holds no memory."""
-    def owned_by(stage_ids) -> set[int]:
-        ids = {id(t) for s in stage_ids for name in plans.owned_modules[s] for t in _tensors_of(model.get_submodule(name))}
-        return ids | {id(_resolve(model, name)) for s in stage_ids for name in plans.owned_attrs[s]}
-
-    keep = owned_by(stages)
-    num_stages = len(plans.inputs)
-    if num_stages - 1 in stages:
-        # Parameters the forward never touches (a loss module's, say) live on the last stage,
-        # where the training step runs.
-        used = owned_by(range(num_stages))
-        keep |= {id(t) for t in _tensors_of(model) if id(t) not in used}
+    keep_ids = {id(t) for t in keep}
     with torch.no_grad():
         for sub in model.modules():
             for name, param in list(sub._parameters.items()):
-                if param is not None and id(param) not in keep and not param.is_meta:
+                if param is not None and id(param) not in keep_ids and not param.is_meta:
                     sub._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
             for name, buf in list(sub._buffers.items()):
-                if buf is not None and id(buf) not in keep and not buf.is_meta:
+                if buf is not None and id(buf) not in keep_ids and not buf.is_meta:
                     sub._buffers[name] = buf.to("meta")
 
 
