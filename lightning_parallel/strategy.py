@@ -511,7 +511,8 @@ class HybridParallel(ParallelStrategy):
         # without one, so that they fail on the lost connection (or the timeout) and exit too.
         if not self._failed:
             self.barrier()
-        if self._pipeline is None:
+        module = self.lightning_module
+        if module is None or not any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
             super().teardown()
             return
         # Other stages' parameters sit on the meta device and cannot move to the CPU.

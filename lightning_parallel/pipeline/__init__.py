@@ -10,15 +10,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lightning_parallel.layout import LayoutError
-from lightning_parallel.pipeline.balance import Split, auto_split, named_split, stage_costs
+from lightning_parallel.pipeline.balance import auto_split, balanced_split, named_split, redo_split, stage_costs
 from lightning_parallel.pipeline.cost import Hardware
+from lightning_parallel.pipeline.declared import DeclaredStage, declared_costs, declared_units
 from lightning_parallel.pipeline.runner import PipelineRunner, capture_call, concrete_args_for, split_batch
 from lightning_parallel.pipeline.schedules import SCHEDULES, ScheduleSpec, check_schedule, stages_of_rank
-from lightning_parallel.pipeline.split import StageModule, free_unowned, plan_stages, stage_tensors, units_of
+from lightning_parallel.pipeline.split import (
+    StageModule,
+    StagePlan,
+    check_no_shared_parameters,
+    free_unowned,
+    plan_stages,
+    stage_tensors,
+)
 
 
 @dataclass
@@ -33,28 +40,43 @@ class SplitModel:
 
 
 def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_rank: int, spec: ScheduleSpec,
-                micro_batches: int, pipeline_split, hardware: Hardware) -> SplitModel:
+                micro_batches: int, pipeline_split, hardware: Hardware, agree=lambda decision: decision) -> SplitModel:
+    """`agree(decision)` returns one rank's decision to every rank (global rank 0's), so that
+    probe batches of other shapes on other ranks cannot give different splits."""
     num_stages = pp * spec.stages_per_rank
     entry_name, args, kwargs = capture_call(module, probe_step, probe_batch, 0)
     entry = module.get_submodule(entry_name)
     prefix = f"{entry_name}." if entry_name else ""
     (micro_args, micro_kwargs), *_ = split_batch((args, kwargs), micro_batches)
-    concrete = concrete_args_for(entry, args, kwargs)
-    if pipeline_split == "auto":
-        split = auto_split(entry, num_stages, micro_args, micro_kwargs, concrete, hardware)
-    else:
-        names = [_relative(name, prefix) for name in pipeline_split]
-        split = named_split(entry, names, num_stages, micro_args, micro_kwargs, concrete, hardware)
-    plan = plan_stages(entry, split.graph, split.unit_stage, num_stages, split.measured)
-
+    names = None if pipeline_split == "auto" else [_relative(name, prefix) for name in pipeline_split]
     stage_ids = stages_of_rank(spec, pp_rank, pp)
-    stage_modules = [StageModule(entry, plan, s) for s in stage_ids]
+
+    declared = declared_units(entry)
+    if declared is not None:
+        costs = declared_costs(entry, declared, micro_args, micro_kwargs, hardware)
+        unit_stage = agree(_declared_split(declared, costs, names, num_stages))
+        plan = _declared_plan(entry, declared, unit_stage, num_stages)
+        stage_modules = [DeclaredStage(entry, plan.owned_modules[s], s == 0, s == num_stages - 1, args, kwargs)
+                         for s in stage_ids]
+    else:
+        concrete = concrete_args_for(entry, args, kwargs)
+        if names is None:
+            split = auto_split(entry, num_stages, micro_args, micro_kwargs, concrete, hardware)
+        else:
+            split = named_split(entry, names, num_stages, micro_args, micro_kwargs, concrete, hardware)
+        opened, unit_stage = agree((sorted(split.opened), split.unit_stage))
+        if set(opened) != split.opened:
+            split = redo_split(entry, set(opened), unit_stage, micro_args, micro_kwargs, concrete, hardware)
+        costs = split.costs
+        plan = plan_stages(entry, split.graph, unit_stage, num_stages, split.measured)
+        stage_modules = [StageModule(entry, plan, s) for s in stage_ids]
+
     used = {id(t) for t in stage_tensors(entry, plan, range(num_stages))}
     outside = [(name, t) for name, t in [*module.named_parameters(), *module.named_buffers()] if id(t) not in used]
     keep = stage_tensors(entry, plan, stage_ids)
     if num_stages - 1 in stage_ids:  # the training step runs on the last stage
         keep += [t for _, t in outside]
-    report = _report(module, entry, prefix, plan, split, outside, pipeline_split == "auto")
+    report = _report(entry, prefix, plan, stage_costs(costs, unit_stage, num_stages), outside, names is None)
     free_unowned(module, keep)
     owned_names = {
         f"{prefix}{name}.{sub}".rstrip(".")
@@ -64,19 +86,46 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     return SplitModel(entry_name, stage_modules, stage_ids, num_stages, owned_names, outside_params, report)
 
 
+def _declared_split(units: list[str], costs: list[float], names, num_stages: int) -> list[int]:
+    if names is None:
+        return balanced_split(costs, [True] * len(units), num_stages) or _too_few(units, num_stages)
+    if len(names) != num_stages - 1 or any(name not in units[1:] for name in names):
+        raise LayoutError(
+            f"pipeline_split needs {num_stages - 1} of the model's pieces that begin stages 1..{num_stages - 1}, "
+            f"in order; the model's pieces are {', '.join(units)}; got {names}."
+        )
+    starts = [units.index(name) for name in names]
+    if starts != sorted(set(starts)):
+        raise LayoutError(f"pipeline_split points {names} must be distinct and in the forward's order.")
+    return [sum(1 for start in starts if i >= start) for i in range(len(units))]
+
+
+def _too_few(units: list[str], num_stages: int):
+    raise LayoutError(f"{num_stages} pipeline stages need at least {num_stages} pieces to cut between; the model has {len(units)}.")
+
+
+def _declared_plan(entry: nn.Module, units: list[str], unit_stage: list[int], num_stages: int) -> StagePlan:
+    """Who owns what: each stage its units; buffers outside every unit (rotary frequencies, say)
+    are read by every stage's run of the model's forward."""
+    owned = [[u for u, s in zip(units, unit_stage) if s == stage] for stage in range(num_stages)]
+    check_no_shared_parameters(entry, owned, [[] for _ in range(num_stages)])
+    in_units = {id(b) for u in units for b in entry.get_submodule(u).buffers()}
+    shared = [name for name, b in entry.named_buffers() if id(b) not in in_units]
+    empty = [[] for _ in range(num_stages)]
+    return StagePlan(None, {}, empty, empty, owned, [[] for _ in range(num_stages)], [list(shared) for _ in range(num_stages)])
+
+
 def _relative(name: str, prefix: str) -> str:
     if prefix and not name.startswith(prefix):
         raise LayoutError(f"pipeline_split point {name!r} is not inside {prefix[:-1]!r}, the module the steps call.")
     return name[len(prefix):]
 
 
-def _report(module, entry, prefix, plan, split: Split, outside, balanced: bool) -> str:
+def _report(entry, prefix, plan, costs, outside, balanced: bool) -> str:
     how = "balanced by counted cost" if balanced else "at the given split points"
-    costs = stage_costs(split.costs, split.unit_stage, plan.num_stages)  # forward + backward
     lines = [f"Pipeline split ({how}), {plan.num_stages} stages:"]
     for s in range(plan.num_stages):
-        units = [prefix + node.target for node, stage in zip(units_of(split.graph), split.unit_stage) if stage == s]
-        what = _compact(list(dict.fromkeys(units)))
+        what = _compact([prefix + name for name in plan.owned_modules[s]])
         if plan.owned_params[s]:
             what += " + " + ", ".join(prefix + name for name in plan.owned_params[s])
         params = sum(t.numel() for t in stage_tensors(entry, plan, [s]) if isinstance(t, nn.Parameter))

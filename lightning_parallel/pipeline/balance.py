@@ -155,6 +155,14 @@ def named_split(entry: nn.Module, names: list[str], num_stages: int, args: tuple
     return Split(graph, measured, unit_stage, unit_costs(graph, measured), opened)
 
 
+def redo_split(entry: nn.Module, opened: set[str], unit_stage: list[int], args: tuple, kwargs: dict,
+               concrete_args: dict, hardware: Hardware) -> Split:
+    """Another rank's split, rebuilt here from the containers it opened and its stage of each unit."""
+    graph = trace(entry, opened, concrete_args)
+    measured = measure(entry, graph, args, kwargs, hardware)
+    return Split(graph, measured, unit_stage, unit_costs(graph, measured), opened)
+
+
 def _too_few_cuts(graph: fx.Graph, measured: Measured, num_stages: int) -> LayoutError:
     units = [node.target for node in units_of(graph)]
     places = sum(allowed_cuts(graph, measured))

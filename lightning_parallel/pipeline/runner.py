@@ -193,6 +193,8 @@ class PipelineRunner:
         outside = {name: module.get_parameter(name) for name in split.outside} if self.has_last else {}
         self.outside = [p for p in outside.values() if p.requires_grad]
         self.parameters = [p for sm in split.stage_modules for p in sm.parameters()] + self.outside
+        # The last stage's output travels as tensors; the steps see the model's own output.
+        self.model_output = split.stage_modules[-1].flat_output.rebuild if self.has_last else None
         self.forward_params = {id(p): name for name, p in module.named_parameters() if name not in split.outside}
         self._schedules: OrderedDict = OrderedDict()
         self._audited: set[str] = set()
@@ -242,6 +244,7 @@ class PipelineRunner:
         def loss_fn(output, index):
             index = int(index)
             records[index] = []
+            output = self.model_output(output)
             with collecting_logs(self.module, records[index]), output_standing_in(self.entry, output), audit or nullcontext():
                 result = self.module.training_step(micro[index], batch_idx)
             loss = result["loss"] if isinstance(result, dict) else result
@@ -296,6 +299,7 @@ class PipelineRunner:
         records, result = [], None
         audit = self._audit(step_name)
         if self.has_last:
+            output = self.model_output(output)
             with collecting_logs(self.module, records), output_standing_in(self.entry, output), audit or nullcontext():
                 result = getattr(self.module, step_name)(batch, batch_idx, *rest)
         _, result = self._share_and_log(step_name, None, records, result, audit)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.pipeline.cost import Hardware, OpCost
@@ -138,27 +138,31 @@ def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
 
 
 def _unit_forward_backward(module: nn.Module, node: fx.Node, env: dict, on_meta: bool, params: dict[int, int]):
-    """Runs one unit's forward and backward on stand-ins for its parameters (meta ones, or
-    detached copies): its gradients are counted, and the model's own are left untouched.
-    Returns the (detached) output and the ids of the parameters it used (of all `params`)."""
+    args = fx.node.map_arg(node.args, env.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+    return price_call(module, tuple(args), dict(kwargs), on_meta, params)
+
+
+def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, params: dict[int, int]):
+    """Runs one module call forward and backward (inside an OpCost, which prices it) on
+    stand-ins for its parameters (meta ones, or detached copies): the model's own gradients are
+    left untouched. Returns the (detached) output and the ids of the parameters it used (of
+    all `params`)."""
     device = "meta" if on_meta else None
     own = dict(module.named_parameters(remove_duplicate=False))
     stand_ins = {name: p.detach().to(device or p.device).requires_grad_(p.requires_grad) for name, p in own.items()}
     originals = {**params, **{id(stand_ins[name]): id(p) for name, p in own.items()}}
     tensors = {**stand_ins, **{n: b.to(device or b.device) for n, b in module.named_buffers(remove_duplicate=False)}}
 
-    def leaf(value):
-        if isinstance(value, torch.Tensor):
-            value = value.detach().to(device or value.device)
-            return value.requires_grad_(value.is_floating_point())
-        return value
+    def leaf(value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().to(device or value.device)
+        return value.requires_grad_(value.is_floating_point())
 
-    node_args = fx.node.map_arg(node.args, lambda n: tree_map_only(torch.Tensor, leaf, env[n]))
-    node_kwargs = fx.node.map_arg(node.kwargs, lambda n: tree_map_only(torch.Tensor, leaf, env[n]))
+    args, kwargs = tree_map_only(torch.Tensor, leaf, (args, kwargs))
     with torch.enable_grad(), _ParameterUse(originals) as use:
-        out = torch.func.functional_call(module, tensors, tuple(node_args), dict(node_kwargs))
+        out = torch.func.functional_call(module, tensors, args, kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
-        wrt = [t for t in [*stand_ins.values(), *tree_flatten((node_args, node_kwargs))[0]]
+        wrt = [t for t in [*stand_ins.values(), *tree_flatten((args, kwargs))[0]]
                if isinstance(t, torch.Tensor) and t.requires_grad]
         if outs and wrt:
             torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs], allow_unused=True)
@@ -270,7 +274,7 @@ def plan_stages(entry: nn.Module, graph: fx.Graph, unit_stage: list[int], num_st
                 owned_attrs[stage].append(node.target)
 
     _check_units_use_only_their_own_parameters(entry, graph, measured)
-    _check_no_shared_parameters(entry, owned_modules, owned_params)
+    check_no_shared_parameters(entry, owned_modules, owned_params)
     inputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     for s in range(num_stages - 1):
@@ -293,7 +297,7 @@ def _check_units_use_only_their_own_parameters(entry: nn.Module, graph: fx.Graph
             )
 
 
-def _check_no_shared_parameters(entry: nn.Module, owned_modules: list[list[str]], owned_params: list[list[str]]) -> None:
+def check_no_shared_parameters(entry: nn.Module, owned_modules: list[list[str]], owned_params: list[list[str]]) -> None:
     """A parameter registered in two places (tied weights) must not be split between stages."""
     holder: dict[int, tuple[int, str]] = {}
     for stage in range(len(owned_modules)):
@@ -309,6 +313,54 @@ def _check_no_shared_parameters(entry: nn.Module, owned_modules: list[list[str]]
                     "pipeline_split that keeps both on one stage."
                 )
             holder.setdefault(id(param), (stage, where))
+
+
+class FlatOutput:
+    """A last stage's output as torch's stages pass it on (tensors only), and back. Other
+    values (None, numbers) are kept from the latest call; a 0-d tensor (a loss) travels as one
+    element, so that evaluation's merge of the micro-batches concatenates it, and comes back as
+    the mean over the micro-batches."""
+
+    def __init__(self) -> None:
+        self.spec = None
+        self.constants: dict[int, object] = {}
+        self.scalars: set[int] = set()
+
+    def flatten(self, output):
+        if isinstance(output, torch.Tensor) and output.dim() > 0:
+            self.spec = None
+            return output
+        leaves, self.spec = tree_flatten(output)
+        self.constants = {i: v for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)}
+        self.scalars = {i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim() == 0}
+        return tuple(v.reshape(1) if i in self.scalars else v for i, v in enumerate(leaves) if i not in self.constants)
+
+    def rebuild(self, flat):
+        if self.spec is None:
+            return flat
+        tensors = iter([flat] if isinstance(flat, torch.Tensor) else flat)
+        leaves = [self.constants[i] if i in self.constants else next(tensors) for i in range(self.spec.num_leaves)]
+        leaves = [v.mean() if i in self.scalars else v for i, v in enumerate(leaves)]
+        return tree_unflatten(leaves, self.spec)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def contiguous_grad(value):
+    """`value`, whose gradient will be contiguous. torch's pipeline stages shape the buffer that
+    receives a stage's output gradient like the gradient the next stage computed for it, which
+    can be a strided view (the gradient of a torch.cat input); collectives refuse those."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return _ContiguousGrad.apply(value)
+    return value
 
 
 def resolve(module: nn.Module, target: str):
@@ -345,19 +397,22 @@ class StageModule(nn.Module):
         self._inputs = plan.inputs[stage]
         self._outputs = plan.outputs[stage]
         self._output_node = next(n for n in plan.graph.nodes if n.op == "output")
+        self.flat_output = FlatOutput()
 
     def forward(self, *args, **kwargs):
         if self._placeholders:
             env = bind_placeholders(self._graph, args, kwargs)
         else:
-            env = dict(zip(self._inputs, args))
+            env = dict(zip(self._inputs, map(contiguous_grad, args)))
         # Read bare parameters through this module: data parallelism swaps them here.
         bare = {name: getattr(self, _key(name)) for name in self._bare_names}
         for node in self._nodes:
             env[node] = run_node(node, env, self._model, bare)
         if self.is_last:
-            return fx.node.map_arg(self._output_node.args[0], env.__getitem__)
-        values = tuple(env[node] for node in self._outputs)
+            return self.flat_output.flatten(fx.node.map_arg(self._output_node.args[0], env.__getitem__))
+        # Sent as they are: a view's strides would shape the gradient buffer received for it,
+        # and collectives take contiguous tensors only.
+        values = tuple(env[node].contiguous() for node in self._outputs)
         return values[0] if len(values) == 1 else values
 
     def publish_parameters(self) -> None:
