@@ -24,8 +24,11 @@ def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, pp_group=None) -> torch.Tensor:
-    """The global norm of all gradients (a replicated plain tensor, the same on every rank)."""
+def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, pp_group=None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The global norm of all gradients (a replicated plain tensor, the same on every rank).
+    `device` is where a rank whose parameters got no gradient makes its zero (NCCL takes no
+    CPU tensor): the strategy's device."""
     norm_type = float(norm_type)
     parameters = list(parameters)
     norms = []
@@ -36,7 +39,7 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, 
     if norms:
         total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), norm_type)
     else:  # a rank whose parameters got no gradient still joins the pipeline reduction below
-        total = torch.zeros((), device=parameters[0].device if parameters else "cpu")
+        total = torch.zeros((), device=device)
 
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         if math.isinf(norm_type):
@@ -48,10 +51,11 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, 
     return total
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, pp_group=None):
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, pp_group=None,
+                    device: torch.device | str = "cpu"):
     """Scales all gradients in place so that their global norm is at most `max_norm`."""
     parameters = list(parameters)
-    total = total_grad_norm(parameters, norm_type, pp_group)
+    total = total_grad_norm(parameters, norm_type, pp_group, device)
     for group in _by_mesh([p for p in parameters if p.grad is not None]):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

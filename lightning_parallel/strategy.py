@@ -319,7 +319,8 @@ class HybridParallel(ParallelStrategy):
     def _split(self, module, trainer) -> SplitModel:
         step, batch = self._probe(trainer)
         split = split_model(module, step, batch, self.layout.pp, self.device_mesh["pp"].get_local_rank(),
-                            self._schedule_spec, self.micro_batches, self.pipeline_split, hardware_for(self.root_device))
+                            self._schedule_spec, self.micro_batches, self.pipeline_split, hardware_for(self.root_device),
+                            agree=self.broadcast)
         rank_zero_info(split.report)
         return split
 
@@ -354,7 +355,7 @@ class HybridParallel(ParallelStrategy):
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        clip_grad_norm_(parameters, clip_val, pp_group=self.device_mesh["pp"].get_group())
+        clip_grad_norm_(parameters, clip_val, pp_group=self.device_mesh["pp"].get_group(), device=self.root_device)
 
     @contextmanager
     def _loss_context(self) -> Generator[None, None, None]:
@@ -433,7 +434,7 @@ class HybridParallel(ParallelStrategy):
         if not _distributed_is_initialized():
             return obj
         objects = [obj]
-        dist.broadcast_object_list(objects, src)
+        dist.broadcast_object_list(objects, src, device=self.root_device)
         return objects[0]
 
     def reduce(self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op="mean"):

@@ -310,7 +310,7 @@ class PipelineRunner:
         the run on every stage alike if the step used the forward's parameters itself."""
         misused = sorted(audit.used) if audit is not None else []
         payload = [(loss, combine_logs(records, self.module), result, misused)]
-        dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank)
+        dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank, device=self.device)
         loss, logs, result, misused = payload[0]
         self._audited.add(step_name)
         if misused:
