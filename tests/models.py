@@ -169,3 +169,16 @@ class TinyLlama(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+class PenalizedGPT(GPT):
+    """Adds an L2 penalty on the head's weight in training_step: the step itself uses a
+    parameter the forward uses too."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-3 * self.head.weight.pow(2).sum()
+
+
+def penalized_gpt(**overrides) -> PenalizedGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=4, lr=1e-3)
+    return PenalizedGPT(**{**config, **overrides})

@@ -31,7 +31,7 @@ def test_main_job_prints_layout_and_loss_falls():
     assert "HybridParallel layout pp=2 x dp=1 x tp=2 on 4 processes" in output
     assert re.search(r"rank +2 on \S+ \(node 0\): pp=1 dp=0 tp=0", output)
     assert "Tensor-parallel plan (given), tp=2:" in output
-    assert "Pipeline split (balanced by measured cost), 2 stages:" in output
+    assert "Pipeline split (balanced by counted cost), 2 stages:" in output
     curve = re.search(r"train_loss by step: (.*)", output).group(1)
     losses = [float(point.split(": ")[1]) for point in curve.split(", ")]
     assert losses and losses[-1] < losses[0] - 1.0, losses

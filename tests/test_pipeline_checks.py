@@ -221,3 +221,12 @@ def test_cuts_only_where_one_tensor_crosses():
 
     _, chosen, plan, _ = plan_for(Pairs(), torch.randn(8, 4), 2)
     assert plan.owned_modules == [["a", "b"], ["c"]] or plan.owned_modules[0] == ["a"]
+
+
+def test_a_step_using_the_forwards_parameters_is_refused_on_every_rank():
+    spec = dict(model="tests.models:penalized_gpt", data="tests.models:token_data", batch_size=8, max_steps=2,
+                devices=2, strategy={"pipeline_parallel": 2, "micro_batches": 2, "schedule": "gpipe"})
+    with pytest.raises(RuntimeError) as err:
+        run(spec)
+    message = "PenalizedGPT.training_step uses the parameter(s) ['head.weight'] itself, outside the forward"
+    assert str(err.value).count(message) == 2
