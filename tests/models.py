@@ -182,3 +182,37 @@ class PenalizedGPT(GPT):
 def penalized_gpt(**overrides) -> PenalizedGPT:
     config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=4, lr=1e-3)
     return PenalizedGPT(**{**config, **overrides})
+
+
+class WeightReadingGPT(GPT):
+    """Reads a block's weight directly in training_step, outside the block's forward."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-3 * self.blocks[0].mlp.fc1.weight.pow(2).sum()
+
+
+def weight_reading_gpt(**overrides) -> WeightReadingGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return WeightReadingGPT(**{**config, **overrides})
+
+
+class FixedHeadsGPT(GPT):
+    """Attention that reshapes by a stored head count, not by the projection's width."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for block in self.blocks:
+            block.attn.n_heads = kwargs["n_heads"]
+            block.attn.forward = _fixed_heads_forward.__get__(block.attn)
+
+
+def _fixed_heads_forward(self, x):
+    B, T, _ = x.shape
+    q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def fixed_heads_gpt(**overrides) -> FixedHeadsGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return FixedHeadsGPT(**{**config, **overrides})
