@@ -31,7 +31,7 @@ def _floats(values):
     return [v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
-def stage_seconds(entry, plan, call, repeats=7) -> list[float]:
+def stage_seconds(entry, plan, call, repeats=15) -> list[float]:
     """Median seconds of forward + backward of each stage, inputs received as from the stage before."""
     stages = [StageModule(entry, plan, s) for s in range(plan.num_stages)]
     threads = torch.get_num_threads()

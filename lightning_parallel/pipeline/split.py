@@ -125,7 +125,8 @@ def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
         for node in graph.nodes:
             before, used = counter.seconds, set()
             if node.op == "call_module":
-                env[node], used = _unit_forward_backward(entry.get_submodule(node.target), node, env, on_meta, params)
+                args, kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+                env[node], used = price_call(entry.get_submodule(node.target), tuple(args), dict(kwargs), on_meta, params)
             elif node.op not in ("placeholder", "output"):
                 with torch.no_grad(), _ParameterUse(params) as use:
                     env[node] = run_node(node, env, entry, {})
@@ -137,12 +138,6 @@ def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
     return measured
 
 
-def _unit_forward_backward(module: nn.Module, node: fx.Node, env: dict, on_meta: bool, params: dict[int, int]):
-    args = fx.node.map_arg(node.args, env.__getitem__)
-    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-    return price_call(module, tuple(args), dict(kwargs), on_meta, params)
-
-
 def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, params: dict[int, int]):
     """Runs one module call forward and backward (inside an OpCost, which prices it) on
     stand-ins for its parameters (meta ones, or detached copies): the model's own gradients are
@@ -152,7 +147,9 @@ def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, para
     own = dict(module.named_parameters(remove_duplicate=False))
     stand_ins = {name: p.detach().to(device or p.device).requires_grad_(p.requires_grad) for name, p in own.items()}
     originals = {**params, **{id(stand_ins[name]): id(p) for name, p in own.items()}}
-    tensors = {**stand_ins, **{n: b.to(device or b.device) for n, b in module.named_buffers(remove_duplicate=False)}}
+    # Copies of the buffers too: a forward may update them in place (running statistics).
+    buffers = {n: b.to("meta") if on_meta else b.clone() for n, b in module.named_buffers(remove_duplicate=False)}
+    tensors = {**stand_ins, **buffers}
 
     def leaf(value: torch.Tensor) -> torch.Tensor:
         value = value.detach().to(device or value.device)
