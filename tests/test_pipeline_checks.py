@@ -6,6 +6,7 @@ from torch import nn
 
 from lightning_parallel import HybridParallel, LayoutError
 from lightning_parallel.pipeline import SCHEDULES, split_model
+from lightning_parallel.pipeline.balance import stage_costs
 from lightning_parallel.pipeline.cost import CPU
 from lightning_parallel.pipeline.runner import split_batch
 from tests.harness import run
@@ -230,3 +231,51 @@ def test_a_step_using_the_forwards_parameters_is_refused_on_every_rank():
         run(spec)
     message = "PenalizedGPT.training_step uses the parameter(s) ['head.weight'] itself, outside the forward"
     assert str(err.value).count(message) == 2
+
+
+class SwinLayer(nn.Module):
+    """A stage of a Swin-style model: its own list of blocks, then a downsampling merge."""
+
+    def __init__(self, dim, depth, merge):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                     for _ in range(depth)])
+        self.merge = nn.Linear(dim, 2 * dim) if merge else nn.Identity()
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.merge(x)
+
+
+class SwinStyle(nn.Module):
+    def __init__(self, dim=32, depths=(2, 2, 6, 2)):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.layers = nn.ModuleList([SwinLayer(dim * 2**i, d, i < len(depths) - 1) for i, d in enumerate(depths)])
+        self.head = nn.Linear(dim * 2 ** (len(depths) - 1), 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).pow(2).mean()
+
+
+def test_hierarchical_stages_split_inside_a_container_when_whole_ones_do_not_balance():
+    batch = torch.randn(8, 64, 12)
+    _, chosen, plan, _ = plan_for(SwinStyle(), batch, 2)
+    assert "layers.2" in chosen.opened, chosen.opened
+    def layers_of(stage):  # "layers.2.blocks.0" -> "layers.2"
+        return {".".join(name.split(".")[:2]) for name in plan.owned_modules[stage]}
+
+    inside = layers_of(0) & layers_of(1)
+    assert inside == {"layers.2"}, plan.owned_modules  # the cut falls inside the third stage
+    auto = spread(stage_costs(chosen.costs, chosen.unit_stage, 2))
+    assert auto <= 0.15
+    for whole in ["layers.1", "layers.2", "layers.3", "head"]:
+        _, between, _, _ = plan_for(SwinStyle(), batch, 2, names=[whole])
+        assert spread(stage_costs(between.costs, between.unit_stage, 2)) > max(auto, 0.15), whole
