@@ -89,3 +89,55 @@ def test_consolidated_file_loads_on_one_process(tmp_path):
         logits = module(x)
     val_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
     assert val_loss == pytest.approx(par["val_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- user-style modules
+#
+# Saved at the first epoch's end under one layout, the second epoch resumed under another, against
+# the uninterrupted run on one process (as above; these modules have no learning-rate schedule).
+
+LLAMA_EPOCHS = dict(model="tests.user_models:LlamaStyle", data="tests.user_models:token_data", batch_size=8, max_steps=-1)
+NOISE_EPOCHS = dict(model="tests.user_models:LearnedNoise", data="tests.user_models:regression_data", batch_size=8,
+                    max_steps=-1)
+# LearnedNoise's hidden Linears (blocks.N.0, 32 -> 32, each followed by a Tanh) in column/row pairs;
+# the automatic pipeline split puts blocks 0-1 on stage 0 and blocks 2-3 on stage 1, a pair per stage.
+NOISE_PLAN = {"blocks.0.0": "colwise", "blocks.1.0": "rowwise", "blocks.2.0": "colwise", "blocks.3.0": "rowwise"}
+
+
+def resumed_under_another_layout(tmp_path, name, spec, devices, strategies):
+    uninterrupted = reference({**spec, "trainer": {"max_epochs": 2}})
+    path = str(tmp_path / f"{name}.ckpt")
+    first = run({**spec, "trainer": {"max_epochs": 1}, "devices": devices[0], "strategy": strategies[0], "save_to": path})
+    second = run({**spec, "trainer": {"max_epochs": 2}, "devices": devices[1], "strategy": strategies[1],
+                  "resume_from": path})
+    assert len(first["losses"]) == len(second["losses"]) == 8
+    first_gap = parity.assert_losses_close(uninterrupted["losses"][:8], first["losses"])
+    gaps = parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][8:]}, second)
+    print(f"{name}: first epoch loss_rtol {first_gap:.3g}; resumed epoch {gaps}")
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert f"{name}.ckpt" in written and not any(n.endswith(".partial") for n in written), written
+    return first, second
+
+
+def test_llama_style_pp2_to_dp2(tmp_path):
+    # The bare position table and the hand-written RMSNorms' weights are saved from their pipeline
+    # stages and land on the data-parallel model under their own names.
+    first, second = resumed_under_another_layout(
+        tmp_path, "llama_pp2_to_dp2", LLAMA_EPOCHS, (2, 2),
+        ({"pipeline_parallel": 2, "micro_batches": 2}, {"data_parallel": 2, "sharding": "full"}),
+    )
+    assert "Pipeline split (balanced by counted cost), 2 stages:" in first["output"]
+    assert {"pos", "tok.weight", "norm.weight", "blocks.0.attention_norm.weight"} <= second["params"].keys()
+
+
+def test_learned_noise_3d_to_one(tmp_path):
+    # log_sigma and criterion.scale (used only by the loss) train on the last stage under the
+    # 3-D layout and must come back with their optimizer state on one process.
+    strategy = {"pipeline_parallel": 2, "data_parallel": 2, "tensor_parallel": 2, "sharding": "full",
+                "tensor_plan": NOISE_PLAN, "micro_batches": 2}
+    first, second = resumed_under_another_layout(tmp_path, "noise_3d_to_one", NOISE_EPOCHS, (8, 1), (strategy, {}))
+    assert "HybridParallel layout pp=2 x dp=2 x tp=2 on 8 processes" in first["output"]
+    assert "stage 0: inp, blocks.0-1 (" in first["output"], first["output"][-3000:]
+    assert "Tensor-parallel plan (given), tp=2:\n  blocks.0.0: colwise\n  blocks.1.0: rowwise\n" in first["output"]
+    print(f"elements held per rank under the 3-D layout: {first['elements_held']}")
+    assert {"log_sigma", "criterion.scale"} <= second["params"].keys()
