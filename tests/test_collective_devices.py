@@ -43,7 +43,7 @@ def test_outside_parameters_gradient_average(recorded):
     runner = PipelineRunner.__new__(PipelineRunner)
     param = nn.Parameter(torch.zeros(3, device=META))
     param.grad = torch.zeros(3, device=META)
-    runner.outside, runner.dp_group = [param], object()
+    runner.outside, runner.dp_group = {"scale": param}, object()
     runner._average_outside_gradients()
     assert recorded == [META]
 

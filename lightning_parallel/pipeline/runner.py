@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -76,6 +77,23 @@ def output_standing_in(module, output):
         yield
     finally:
         del module.forward
+
+
+@contextmanager
+def standing_in(module, params: dict):
+    """Within this block, `module`'s parameters named in `params` are fresh leaves (yielded by
+    name): what differentiates the step's loss reaches them, not the parameters."""
+    stand_ins = {}
+    for name, param in params.items():
+        owner_name, _, attr = name.rpartition(".")
+        stand_ins[name] = nn.Parameter(param.detach(), requires_grad=True)
+        module.get_submodule(owner_name)._parameters[attr] = stand_ins[name]
+    try:
+        yield stand_ins
+    finally:
+        for name, param in params.items():
+            owner_name, _, attr = name.rpartition(".")
+            module.get_submodule(owner_name)._parameters[attr] = param
 
 
 class _ForwardParameterAudit(TorchFunctionMode):
@@ -191,8 +209,8 @@ class PipelineRunner:
         self.has_last = split.num_stages - 1 in split.stage_ids
         # Parameters no stage's forward uses train on the last stage, where the steps run.
         outside = {name: module.get_parameter(name) for name in split.outside} if self.has_last else {}
-        self.outside = [p for p in outside.values() if p.requires_grad]
-        self.parameters = [p for sm in split.stage_modules for p in sm.parameters()] + self.outside
+        self.outside = {name: p for name, p in outside.items() if p.requires_grad}
+        self.parameters = [p for sm in split.stage_modules for p in sm.parameters()] + list(self.outside.values())
         # The last stage's output travels as tensors; the steps see the model's own output.
         self.model_output = split.stage_modules[-1].flat_output.rebuild if self.has_last else None
         self.forward_params = {id(p): name for name, p in module.named_parameters() if name not in split.outside}
@@ -239,24 +257,29 @@ class PipelineRunner:
         # placeholder data, for micro-batch 0); the real call for that micro-batch comes later.
         records: dict[int, list] = {}
         losses: dict[int, torch.Tensor] = {}
+        outside_grads: dict[int, tuple] = {}
         audit = self._audit("training_step")
 
         def loss_fn(output, index):
             index = int(index)
             records[index] = []
             output = self.model_output(output)
-            with collecting_logs(self.module, records[index]), output_standing_in(self.entry, output), audit or nullcontext():
+            with collecting_logs(self.module, records[index]), output_standing_in(self.entry, output), \
+                    audit or nullcontext(), standing_in(self.module, self.outside) as stand_ins:
                 result = self.module.training_step(micro[index], batch_idx)
             loss = result["loss"] if isinstance(result, dict) else result
             if not isinstance(loss, torch.Tensor):
                 raise LayoutError("Under pipeline_parallel, training_step must return the loss (a tensor or {'loss': ...}).")
             losses[index] = loss.detach().float()
             # One process computes the batch's mean loss once; here each micro-batch is 1/M of it.
-            return loss / (self.micro_batches * accumulate)
+            loss = loss / (self.micro_batches * accumulate)
+            outside_grads[index] = self._outside_gradients(loss, stand_ins)
+            return loss
 
         self._loss_fn = loss_fn
         target = torch.arange(self.micro_batches, device=self.device) if self.has_last else None
         self._schedule("train", batch).step(*args, target=target, return_outputs=False, **kwargs)
+        self._add_outside_gradients(outside_grads.values())
         self._average_outside_gradients()
         self._set_aside = [(p, p.grad) for p in self.parameters]
         for p in self.parameters:
@@ -265,6 +288,20 @@ class PipelineRunner:
         logs = [record for index in sorted(records) for record in records[index]]
         loss, _ = self._share_and_log("training_step", loss, logs, None, audit)
         return torch.tensor(loss, device=self.device)
+
+    def _outside_gradients(self, loss, stand_ins: dict) -> tuple:
+        """The gradients of the parameters outside the forward from one micro-batch's loss, taken
+        here: torch's schedules differentiate only what their stages hold (the split-backward ones
+        compute weight gradients for the stages' own parameters alone)."""
+        if not stand_ins:
+            return ()
+        return torch.autograd.grad(loss, list(stand_ins.values()), retain_graph=True, allow_unused=True)
+
+    def _add_outside_gradients(self, per_micro_batch) -> None:
+        for grads in per_micro_batch:
+            for param, grad in zip(self.outside.values(), grads):
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
 
     def _model_inputs(self, step_name: str, *step_args) -> tuple[tuple, dict]:
         if not self.has_first:
@@ -275,7 +312,7 @@ class PipelineRunner:
     def _average_outside_gradients(self) -> None:
         """Data parallelism for the parameters outside the forward: one all-reduce of their
         gradients (averaging already-averaged ones again changes nothing, so accumulation works)."""
-        grads = [p.grad for p in self.outside if p.grad is not None]
+        grads = [p.grad for p in self.outside.values() if p.grad is not None]
         if not grads or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
