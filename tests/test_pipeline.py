@@ -23,8 +23,10 @@ def assert_each_rank_holds_its_stages_only(ref, par):
     assert par["optimizer_elements"] == [2 * h for h in held], (par["optimizer_elements"], held)
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_every_schedule_pp2(schedule):
+# Every schedule runs on modules as users write them in test_pipeline_modules.py; the example
+# GPT keeps the simplest and the most involved one.
+@pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
+def test_example_gpt_pp2(schedule):
     ref = reference(GPT)
     par = run({**GPT, "devices": 2, "strategy": {"pipeline_parallel": 2, "schedule": schedule, "micro_batches": 4}})
     parity.assert_parity(ref, par)
