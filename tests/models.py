@@ -216,3 +216,15 @@ def _fixed_heads_forward(self, x):
 def fixed_heads_gpt(**overrides) -> FixedHeadsGPT:
     config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
     return FixedHeadsGPT(**{**config, **overrides})
+
+
+class WrappedTinyLlama(TinyLlama):
+    """The Hugging Face model behind the LightningModule's own forward, which the steps call."""
+
+    def forward(self, x):
+        return self.model(input_ids=x).logits
+
+    def _loss(self, batch):
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

@@ -92,14 +92,15 @@ def stages_for(model, cuts, args=(), kwargs=None) -> list[DeclaredStage]:
 
 def run_stages(stages, args=(), kwargs=None):
     """Chains the stages as a pipeline would: each receives a detached copy of the hidden state
-    and hands the gradient of its input back to the previous stage."""
+    and hands the gradient of its input back to the previous stage; the last stage's output,
+    which travels as tensors, is rebuilt as the runner rebuilds it for the step."""
     out, sent = stages[0](*args, **(kwargs or {})), []
     for stage in stages[1:]:
         hidden, *carried = out
         received = hidden.detach().requires_grad_()
         sent.append((hidden, received))
         out = stage(received, *carried)
-    return out, sent
+    return stages[-1].flat_output.rebuild(out), sent
 
 
 def objective(out) -> torch.Tensor:

@@ -249,3 +249,12 @@ def test_every_parameter_trained_none_silently_frozen(name, schedule):
         elif gap > parity.PARAM_ATOL:
             problems.append(f"{n}: trained differently, {gap:.3g} from one process's value")
     assert not problems, f"{name} under pp=2 {schedule}:\n" + "\n".join(problems)
+
+
+def test_hugging_face_model_behind_the_modules_own_forward():
+    """`def forward(self, x): return self.model(input_ids=x).logits`, the steps calling self(x)."""
+    spec = {**case("TinyLlama"), "model": "tests.models:WrappedTinyLlama"}
+    ref = reference(spec)
+    par = run(pipelined(spec))
+    check_parity("WrappedTinyLlama pp=2 1f1b", ref, par)
+    assert "stage 0: model.model.embed_tokens, model.model.layers.0-1 (" in par["output"]

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.pipeline.balance import auto_split, balanced_split, named_split, redo_split, stage_costs
 from lightning_parallel.pipeline.cost import Hardware
-from lightning_parallel.pipeline.declared import DeclaredStage, declared_costs, declared_units
+from lightning_parallel.pipeline.declared import DeclaredStage, declared_costs, declared_units, declares_plan
 from lightning_parallel.pipeline.runner import PipelineRunner, capture_call, concrete_args_for, split_batch
 from lightning_parallel.pipeline.schedules import SCHEDULES, ScheduleSpec, check_schedule, stages_of_rank
 from lightning_parallel.pipeline.split import (
@@ -25,6 +25,8 @@ from lightning_parallel.pipeline.split import (
     free_unowned,
     plan_stages,
     stage_tensors,
+    trace,
+    units_of,
 )
 
 
@@ -44,7 +46,7 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     """`agree(decision)` returns one rank's decision to every rank (global rank 0's), so that
     probe batches of other shapes on other ranks cannot give different splits."""
     num_stages = pp * spec.stages_per_rank
-    entry_name, args, kwargs = capture_call(module, probe_step, probe_batch, 0)
+    entry_name, args, kwargs = _find_entry(module, probe_step, probe_batch)
     entry = module.get_submodule(entry_name)
     prefix = f"{entry_name}." if entry_name else ""
     (micro_args, micro_kwargs), *_ = split_batch((args, kwargs), micro_batches)
@@ -84,6 +86,28 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     }
     outside_params = [name for name, t in outside if isinstance(t, nn.Parameter)]
     return SplitModel(entry_name, stage_modules, stage_ids, num_stages, owned_names, outside_params, report)
+
+
+def _find_entry(module: nn.Module, probe_step: str, probe_batch) -> tuple[str, tuple, dict]:
+    """The module to cut into stages and its call: the one the step calls (the LightningModule
+    or a child), or, where the LightningModule's forward only wraps a model that declares its
+    pipeline plan (`return self.model(input_ids=x).logits`), that model as the forward calls it."""
+    entry_name, args, kwargs = capture_call(module, probe_step, probe_batch, 0)
+    if entry_name == "" and not declares_plan(module):
+        declaring = [name for name, child in module.named_children() if declares_plan(child)]
+        if len(declaring) == 1 and _only_calls(module, declaring[0], concrete_args_for(module, args, kwargs)):
+            return capture_call(module, probe_step, probe_batch, 0, entry=declaring[0])
+    return entry_name, args, kwargs
+
+
+def _only_calls(module: nn.Module, child: str, concrete: dict) -> bool:
+    """Whether `child` is the only module holding parameters that the forward calls."""
+    try:
+        graph = trace(module, set(), concrete)
+    except LayoutError:
+        return False
+    called = {node.target for node in units_of(graph) if any(True for _ in module.get_submodule(node.target).parameters())}
+    return called == {child}
 
 
 def _declared_split(units: list[str], costs: list[float], names, num_stages: int) -> list[int]:

@@ -59,9 +59,18 @@ def _refuse(model: nn.Module, why: str) -> LayoutError:
     )
 
 
-def _read_plan(model: nn.Module) -> _Plan | None:
+def _plan_of(model: nn.Module) -> dict | None:
     plan = getattr(model, "pp_plan", None) or getattr(model, "_pp_plan", None)
-    if not isinstance(plan, dict) or not plan:
+    return plan if isinstance(plan, dict) and plan else None
+
+
+def declares_plan(model: nn.Module) -> bool:
+    return _plan_of(model) is not None
+
+
+def _read_plan(model: nn.Module) -> _Plan | None:
+    plan = _plan_of(model)
+    if plan is None:
         return None
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in VERIFIED_FAMILIES:

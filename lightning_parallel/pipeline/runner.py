@@ -190,7 +190,7 @@ class PipelineRunner:
     """This rank's stages, their schedules (one per input shape), and Lightning's steps run
     through them."""
 
-    SHAPES_KEPT = 8  # schedules kept per kind of step, the least recently used dropped first
+    SHAPES_KEPT = 8  # schedules kept (training and evaluation ones), the least recently used dropped first
 
     def __init__(self, module, split, spec, micro_batches: int, pp_group, dp_group, device) -> None:
         self.module = module
@@ -253,8 +253,8 @@ class PipelineRunner:
             for p in self.parameters:
                 p.grad = None
         args, kwargs = self._model_inputs("training_step", batch, batch_idx)
-        # Keyed by micro-batch: the stage's first-step shape inference also calls loss_fn (on
-        # placeholder data, for micro-batch 0); the real call for that micro-batch comes later.
+        # Keyed by micro-batch: on a schedule's first step, torch's shape inference also calls
+        # loss_fn for micro-batch 0; the call that counts for that micro-batch comes later.
         records: dict[int, list] = {}
         losses: dict[int, torch.Tensor] = {}
         outside_grads: dict[int, tuple] = {}
