@@ -112,3 +112,16 @@ class KeepBestCheckpoint(pl.callbacks.ModelCheckpoint):
 
         super().__init__(dirpath=os.environ["LP_TEST_CKPT_DIR"], every_n_train_steps=2, save_top_k=1,
                          monitor="train_loss", mode="min")
+
+
+class CheckpointWritten(pl.Callback):
+    """Records the path of the default ModelCheckpoint's latest save and whether it exists."""
+
+    def __init__(self):
+        self.record = {}
+
+    def on_train_end(self, trainer, module):
+        import os
+
+        path = trainer.checkpoint_callback.best_model_path
+        self.record["checkpoint"] = (os.path.basename(path), os.path.exists(path))

@@ -258,3 +258,14 @@ def test_hugging_face_model_behind_the_modules_own_forward():
     par = run(pipelined(spec))
     check_parity("WrappedTinyLlama pp=2 1f1b", ref, par)
     assert "stage 0: model.model.embed_tokens, model.model.layers.0-1 (" in par["output"]
+
+
+def test_lightning_defaults_left_on():
+    """Progress bar, model summary, the default logger and ModelCheckpoint (which saves at the
+    epoch's end: 8 steps are one epoch), with sanity validation, under pp=2."""
+    defaults = {"enable_progress_bar": True, "enable_checkpointing": True, "enable_model_summary": True, "logger": True}
+    spec = {**case("LlamaStyle"), "max_steps": 8, "trainer": defaults, "callbacks": ["tests.probes:CheckpointWritten"]}
+    ref = reference(spec)
+    par = run(pipelined(spec, "gpipe"))
+    check_parity("LlamaStyle pp=2 gpipe, Lightning's defaults", ref, par)
+    assert par["checkpoint"] == ref["checkpoint"] == ("epoch=0-step=8.ckpt", True)
