@@ -279,3 +279,12 @@ def test_hierarchical_stages_split_inside_a_container_when_whole_ones_do_not_bal
     for whole in ["layers.1", "layers.2", "layers.3", "head"]:
         _, between, _, _ = plan_for(SwinStyle(), batch, 2, names=[whole])
         assert spread(stage_costs(between.costs, between.unit_stage, 2)) > max(auto, 0.15), whole
+
+
+def test_hugging_face_embeddings_tied_across_stages_are_refused():
+    from tests.models import TinyLlama
+
+    model = TinyLlama(layers=4)
+    model.model.lm_head.weight = model.model.model.embed_tokens.weight  # tie_word_embeddings
+    with pytest.raises(LayoutError, match=r"'model.embed_tokens.weight' \(stage 0\) and 'lm_head.weight' \(stage 1\) are one tied weight"):
+        split(model)
