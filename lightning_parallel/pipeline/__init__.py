@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_parallel.layout import LayoutError
-from lightning_parallel.pipeline.balance import auto_split, balanced_split, named_split, redo_split, stage_costs
+from lightning_parallel.pipeline.balance import (
+    auto_split,
+    balanced_split,
+    named_split,
+    redo_split,
+    stage_costs,
+    stages_from_starts,
+)
 from lightning_parallel.pipeline.cost import Hardware
 from lightning_parallel.pipeline.declared import DeclaredStage, declared_costs, declared_units, declares_plan
 from lightning_parallel.pipeline.runner import PipelineRunner, capture_call, concrete_args_for, split_batch
@@ -118,10 +125,7 @@ def _declared_split(units: list[str], costs: list[float], names, num_stages: int
             f"pipeline_split needs {num_stages - 1} of the model's pieces that begin stages 1..{num_stages - 1}, "
             f"in order; the model's pieces are {', '.join(units)}; got {names}."
         )
-    starts = [units.index(name) for name in names]
-    if starts != sorted(set(starts)):
-        raise LayoutError(f"pipeline_split points {names} must be distinct and in the forward's order.")
-    return [sum(1 for start in starts if i >= start) for i in range(len(units))]
+    return stages_from_starts(names, [units.index(name) for name in names], len(units))
 
 
 def _too_few(units: list[str], num_stages: int):

@@ -149,10 +149,15 @@ def named_split(entry: nn.Module, names: list[str], num_stages: int, args: tuple
                 "value that is not one tensor would cross). Pick a neighbouring module."
             )
         starts.append(start)
+    unit_stage = stages_from_starts(names, starts, len(units))
+    return Split(graph, measured, unit_stage, unit_costs(graph, measured), opened)
+
+
+def stages_from_starts(names: list[str], starts: list[int], num_units: int) -> list[int]:
+    """The stage of each unit when stages 1, 2, ... begin at the units `starts` (named `names`)."""
     if starts != sorted(set(starts)):
         raise LayoutError(f"pipeline_split points {names} must be distinct and in the forward's order.")
-    unit_stage = [sum(1 for s in starts if i >= s) for i in range(len(units))]
-    return Split(graph, measured, unit_stage, unit_costs(graph, measured), opened)
+    return [sum(1 for start in starts if i >= start) for i in range(num_units)]
 
 
 def redo_split(entry: nn.Module, opened: set[str], unit_stage: list[int], args: tuple, kwargs: dict,
