@@ -78,13 +78,17 @@ class GPT(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        d_ff = d_ff or 4 * d_model
-        self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers)])
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.build_layers()
+
+    def build_layers(self):
+        h = self.hparams
+        d_ff = h.d_ff or 4 * h.d_model
+        self.tok_emb = nn.Embedding(h.vocab_size, h.d_model)
+        self.pos_emb = nn.Embedding(h.seq_len, h.d_model)
+        self.drop = nn.Dropout(h.dropout)
+        self.blocks = nn.ModuleList([Block(h.d_model, h.n_heads, d_ff, h.dropout) for _ in range(h.n_layers)])
+        self.norm = nn.LayerNorm(h.d_model)
+        self.head = nn.Linear(h.d_model, h.vocab_size, bias=False)
 
     def forward(self, idx):
         pos = torch.arange(idx.shape[1], device=idx.device)

@@ -128,20 +128,8 @@ def load_full_model_state(module: nn.Module, state: dict[str, Any], strict: bool
 
 
 def consolidate(checkpoint_dir, output_file) -> None:
-    """Writes a sharded checkpoint directory as one ordinary Lightning checkpoint file (full
-    tensors under the model's own names) that `MyModule.load_from_checkpoint` loads on one
-    process. Needs no process group. The optimizer state is left out: it is kept per parameter
-    name, not in torch's per-optimizer format, and a one-file checkpoint is for inference."""
-    import tempfile
+    """Writes a sharded checkpoint directory as one ordinary Lightning checkpoint file; see
+    `lightning_parallel.export.consolidate`, where it lives now."""
+    from lightning_parallel.export import consolidate as to_one_file  # export imports this module
 
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if not is_sharded_checkpoint(checkpoint_dir):
-        raise FileNotFoundError(f"{checkpoint_dir} is not a lightning-parallel checkpoint directory (no {META_FILE}).")
-    checkpoint = torch.load(checkpoint_dir / META_FILE, weights_only=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(checkpoint_dir, Path(tmp, "full.pt"))
-        tensors = torch.load(Path(tmp, "full.pt"), weights_only=False)
-    checkpoint["state_dict"] = tensors["state_dict"]
-    torch.save(checkpoint, output_file)
+    to_one_file(checkpoint_dir, output_file)

@@ -22,6 +22,12 @@ A spec is a plain dict (JSON):
                           one to resume fit from (ckpt_path)
     evaluate              extra stages to run after fit: "test" (records test_loss), "predict"
                           (records rank 0's predictions)
+    build                 "init" (default: the module built as it is), "empty" (under
+                          `trainer.init_module(empty_init=True)`)
+    record_params         False to leave the final parameters out of the record (large models)
+
+Every rank records its resident memory after imports and its peak (`rss_after_imports`,
+`peak_rss`, in bytes).
 
 The model must log its training loss as "train_loss" and its validation loss as "val_loss".
 The one-process reference replays the order in which Lightning's distributed sampler deals
@@ -30,6 +36,7 @@ samples (shuffled with the global seed), so the k-th global batch is the same in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -171,6 +178,17 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_resident_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def _worker(spec_file: str, out_file: str) -> None:
     import lightning.pytorch as pl
     import torch.distributed as dist
@@ -179,11 +197,9 @@ def _worker(spec_file: str, out_file: str) -> None:
     import lightning_parallel
     from lightning_parallel import checkpoint
 
+    rss_after_imports = _resident_bytes()
     spec = json.loads(Path(spec_file).read_text())
     pl.seed_everything(spec.get("seed", 0), verbose=False)
-    model = _load(spec["model"])(**spec.get("model_kwargs", {}))
-    train_ds, val_ds = _load(spec["data"])(**spec.get("data_kwargs", {}))
-    train_loader, val_loader = _loaders(spec, train_ds, val_ds)
 
     record: dict[str, Any] = {"losses": []}
 
@@ -222,6 +238,10 @@ def _worker(spec_file: str, out_file: str) -> None:
         enable_model_summary=False,
     )
     trainer = pl.Trainer(**{**trainer_args, **spec.get("trainer", {})}, callbacks=[Recorder(), *probes])
+    with trainer.init_module(empty_init=True) if spec.get("build") == "empty" else contextlib.nullcontext():
+        model = _load(spec["model"])(**spec.get("model_kwargs", {}))
+    train_ds, val_ds = _load(spec["data"])(**spec.get("data_kwargs", {}))
+    train_loader, val_loader = _loaders(spec, train_ds, val_ds)
     trainer.fit(model, train_loader, val_loader, ckpt_path=spec.get("resume_from"))
     if spec.get("save_to"):
         trainer.save_checkpoint(spec["save_to"])
@@ -233,7 +253,11 @@ def _worker(spec_file: str, out_file: str) -> None:
         record["predictions"] = torch.cat(trainer.predict(model, val_loader))
     for probe in probes:
         record.update(getattr(probe, "record", {}))
-    if isinstance(trainer.strategy, lightning_parallel.HybridParallel):
+    record["rss_after_imports"] = _per_rank(rss_after_imports)
+    record["peak_rss"] = _per_rank(_peak_resident_bytes())
+    if not spec.get("record_params", True):
+        params = {}
+    elif isinstance(trainer.strategy, lightning_parallel.HybridParallel):
         params = trainer.strategy.full_state_dict()
     elif _elements_held(model) != _numel(model):
         params = checkpoint.full_model_state(model)

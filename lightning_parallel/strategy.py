@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Generator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 
@@ -33,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 
-from lightning_parallel import checkpoint
+from lightning_parallel import checkpoint, export, materialize, weights
 from lightning_parallel.preemption import defer_slurm_requeue
 from lightning_parallel.data_parallel import (
     StepRunner,
@@ -84,6 +85,9 @@ class HybridParallel(ParallelStrategy):
             "zero_bubble", "zbv" or "dualpipev".
         pipeline_split: "auto" (stages balanced by counted cost) or the names of the modules
             that begin stages 1, 2, ... (e.g. ["blocks.2"]).
+        init_from: weights to start from, read into each rank's shards: a Hugging Face model
+            directory (safetensors), a one-file Lightning or torch checkpoint, or a HybridParallel
+            checkpoint directory (weights only; resume with `fit(ckpt_path=...)` instead).
         backend: process-group backend; default gloo on CPU, nccl on CUDA.
         timeout: seconds a collective may wait before the run fails (instead of hanging).
     """
@@ -102,11 +106,15 @@ class HybridParallel(ParallelStrategy):
         micro_batches: Optional[int] = None,
         schedule: str = "1f1b",
         pipeline_split: Union[str, list] = "auto",
+        init_from: Optional[str] = None,
         backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
         **strategy_kwargs: Any,
     ) -> None:
         super().__init__(**strategy_kwargs)
+        # Lightning warns that trainer.init_module cannot work with a strategy that builds models
+        # in a sharded context; this one builds both on the meta device, and both work.
+        warnings.filterwarnings("ignore", message=r"`trainer.init_module` cannot fully support .* `HybridParallel`")
         check_degree("data_parallel", data_parallel, allow_auto=True)
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
@@ -114,6 +122,7 @@ class HybridParallel(ParallelStrategy):
         check_type("sequence_parallel", sequence_parallel, (bool,), "True or False")
         check_type("loss_parallel", loss_parallel, (bool,), "True or False")
         check_type("schedule", schedule, (str,), "a schedule name")
+        check_type("init_from", init_from, (str, os.PathLike, type(None)), "a path, or None")
         check_type("backend", backend, (str, type(None)), "a backend name such as 'gloo' or 'nccl', or None")
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
@@ -135,6 +144,7 @@ class HybridParallel(ParallelStrategy):
         self.micro_batches = micro_batches
         self.schedule = schedule
         self.pipeline_split = pipeline_split if pipeline_split == "auto" else list(pipeline_split)
+        self.init_from = None if init_from is None else str(init_from)
         self.backend = backend
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self.num_nodes = 1
@@ -199,6 +209,8 @@ class HybridParallel(ParallelStrategy):
         self._layout = None
         _ = self.layout
         check_backend(self.backend, self.root_device)
+        if self.init_from:
+            weights.checkpoint_kind(self.init_from)
         precision = getattr(self.precision_plugin, "precision", None)
         if precision not in SUPPORTED_PRECISION:
             why = " (16-mixed needs a gradient scaler that knows sharded gradients)" if precision == "16-mixed" else ""
@@ -257,7 +269,10 @@ class HybridParallel(ParallelStrategy):
         module = self.lightning_module
         if self._parallelized_module is not module:
             module = self.precision_plugin.convert_module(module)
-            self.model_to_device()
+            if materialize.is_empty(module):
+                materialize.move_real_tensors(module, self.root_device)  # the rest is allocated once sharded
+            else:
+                self.model_to_device()
             self._runner = self._parallelize(module, trainer)
             self._parallelized_module = module
         self.model = self._runner if self._runner is not None else module
@@ -273,24 +288,43 @@ class HybridParallel(ParallelStrategy):
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
+    @contextmanager
+    def tensor_init_context(self, empty_init: Optional[bool] = None) -> Generator[None, None, None]:
+        """`trainer.init_module(empty_init=True)` builds on the meta device: each rank allocates
+        only its share once the model is split and sharded (see materialize.py)."""
+        with materialize.empty_init() if empty_init else nullcontext(), self.precision_plugin.tensor_init_context():
+            yield
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        """`configure_model` builds on the meta device too."""
+        with materialize.empty_init():
+            yield
+
     def model_to_device(self) -> None:
         assert self.lightning_module is not None
         self.lightning_module.to(self.root_device)
 
     def _parallelize(self, module, trainer) -> Optional[StepRunner]:
-        """Applies each form of parallelism in a fixed order: pipeline split, tensor, data.
-        Returns the module every step enters through when data parallelism needs one.
-        Every check runs before the first collective (the broadcast of rank 0's weights)."""
+        """Applies each form of parallelism in a fixed order: pipeline split, tensor, data; then,
+        for a model built empty, allocates and initializes this rank's share (and reads
+        `init_from`). Returns the module every step enters through when data parallelism needs
+        one. Every check runs before the first collective."""
+        empty = materialize.is_empty(module)
+        if empty:
+            materialize.check_initializable(module, self._loaded_names(module))
         if is_parallelized(module):
             # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
             rank_zero_info("HybridParallel: the module applied its own parallelism in configure_model; using it as is.")
+            self._fill(module, [module], None, empty)
             return None
         layout = self.layout
         plan = None
         if layout.tp > 1 and not callable(self.tensor_plan):
             source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel, self.loss_parallel)
             rank_zero_info(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
-        broadcast_module_state(module)
+        if not empty:
+            broadcast_module_state(module)
 
         split = self._split(module, trainer) if layout.pp > 1 else None
         if layout.tp > 1:
@@ -305,16 +339,41 @@ class HybridParallel(ParallelStrategy):
             for stage in split.stage_modules:
                 if layout.dp > 1:
                     apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
+            self._fill(module, split.stage_modules, split.held, empty)
+            for stage in split.stage_modules:
                 stage.publish_parameters()
             self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
                                             self.device_mesh["pp"].get_group(), self.device_mesh["dp"].get_group(),
                                             self.root_device)
             return None
-        if layout.dp == 1:
-            return None
-        runner = StepRunner(module)
-        apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
+        runner = None
+        if layout.dp > 1:
+            runner = StepRunner(module)
+            apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
+        self._fill(module, [runner or module], None, empty)
         return runner
+
+    def _loaded_names(self, module) -> set[str]:
+        return weights.checkpoint_names(module, self.init_from) if self.init_from else set()
+
+    def _fill(self, module, roots, held: Optional[set], empty: bool) -> None:
+        """Gives the parallelized model its values: for a model built empty, allocates what this
+        rank holds (under `roots`, and the `held` names of the rest) and initializes it; then
+        reads `init_from` into it."""
+        if empty:
+            materialize.materialize(module, roots, held, self.root_device)
+            materialize.set_device(module, self.root_device)
+            seed = self.broadcast(torch.initial_seed())
+            materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded_names(module))
+        if self.init_from:
+            loaded = weights.load_weights(module, self.init_from)
+            if loaded.unused:
+                rank_zero_warn(f"init_from {self.init_from}: {len(loaded.unused)} tensors name nothing in the model "
+                               f"and were not read: {', '.join(loaded.unused[:8])}{', ...' if len(loaded.unused) > 8 else ''}")
+        if empty:
+            missed: list[Any] = [None] * self.world_size
+            dist.all_gather_object(missed, materialize.uninitialized(module))
+            materialize.refuse_uninitialized(sorted({name for names in missed for name in names}))
 
     def _split(self, module, trainer) -> SplitModel:
         step, batch = self._probe(trainer)
@@ -479,6 +538,7 @@ class HybridParallel(ParallelStrategy):
     def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("HybridParallel writes sharded checkpoints with torch.distributed.checkpoint; storage_options are not used.")
+        checkpoint_dict["hugging_face"] = export.hf_record(self.lightning_module)  # for `consolidate --format hf`
         checkpoint.save_sharded(checkpoint_dict, self.broadcast(str(filepath)), self.is_global_zero)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:

@@ -228,3 +228,48 @@ class WrappedTinyLlama(TinyLlama):
         x, y = batch
         logits = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class ConfiguredGPT(GPT):
+    """Builds its layers in configure_model, Lightning's hook for models too large to build
+    whole (under HybridParallel they are built on the meta device)."""
+
+    def build_layers(self):
+        pass
+
+    def configure_model(self):
+        if not hasattr(self, "blocks"):
+            super().build_layers()
+
+
+# About 105M parameters (420 MB in fp32): larger than any rank's share may allocate.
+LARGE_GPT = dict(vocab_size=8192, seq_len=32, d_model=1024, n_heads=16, n_layers=7, lr=1e-4)
+
+
+def large_gpt(**overrides) -> GPT:
+    return GPT(**{**LARGE_GPT, **overrides})
+
+
+def large_configured_gpt(**overrides) -> ConfiguredGPT:
+    return ConfiguredGPT(**{**LARGE_GPT, **overrides})
+
+
+def configured_gpt(**overrides) -> ConfiguredGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return ConfiguredGPT(**{**config, **overrides})
+
+
+class ScaledGPT(GPT):
+    """Scales its logits by a bare parameter and has no init for it: cannot be built empty."""
+
+    def build_layers(self):
+        super().build_layers()
+        self.logit_scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, idx):
+        return super().forward(idx) * self.logit_scale
+
+
+def scaled_gpt(**overrides) -> ScaledGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return ScaledGPT(**{**config, **overrides})

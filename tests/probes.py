@@ -125,3 +125,32 @@ class CheckpointWritten(pl.Callback):
 
         path = trainer.checkpoint_callback.best_model_path
         self.record["checkpoint"] = (os.path.basename(path), os.path.exists(path))
+
+
+class InitRecord(pl.Callback):
+    """At the start of training, before any step: every rank's mesh coordinate and, per
+    tensor, the sum of its local values and whether it is split over tp ("shard") or not; and
+    the whole model gathered to full tensors."""
+
+    def __init__(self):
+        self.record = {}
+
+    def on_train_start(self, trainer, module):
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor, Shard
+
+        def local(name, t):
+            on_tp = isinstance(t, DTensor) and "tp" in (t.device_mesh.mesh_dim_names or ())
+            split = on_tp and isinstance(t.placements[t.device_mesh.mesh_dim_names.index("tp")], Shard)
+            value = t.to_local() if isinstance(t, DTensor) else t
+            return float(value.double().sum()), "shard" if split else "replicate"
+
+        if not dist.is_initialized():  # one process
+            self.record["init_full"] = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+            return
+        mine = {name: local(name, t) for name, t in module.state_dict().items() if not t.is_meta}
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, (trainer.strategy.device_mesh.get_coordinate(), mine))
+        self.record["init_ranks"] = ranks
+        self.record["init_full"] = {k: v.float() for k, v in trainer.strategy.full_state_dict().items()}

@@ -45,6 +45,7 @@ class SplitModel:
     num_stages: int
     owned_names: set[str]  # names (in the LightningModule) of every module inside this rank's stages
     outside: list[str]  # parameters no stage's forward uses (a loss's, say): held by the last stage
+    held: set[str]  # names (in the LightningModule) of every parameter and buffer this rank holds
     report: str  # the chosen split, for the start-up log
 
 
@@ -86,13 +87,16 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     if num_stages - 1 in stage_ids:  # the training step runs on the last stage
         keep += [t for _, t in outside]
     report = _report(entry, prefix, plan, stage_costs(costs, unit_stage, num_stages), outside, names is None)
+    keep_ids = {id(t) for t in keep}
+    held = {name for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+            if id(t) in keep_ids}
     free_unowned(module, keep)
     owned_names = {
         f"{prefix}{name}.{sub}".rstrip(".")
         for s in stage_ids for name in plan.owned_modules[s] for sub, _ in entry.get_submodule(name).named_modules()
     }
     outside_params = [name for name, t in outside if isinstance(t, nn.Parameter)]
-    return SplitModel(entry_name, stage_modules, stage_ids, num_stages, owned_names, outside_params, report)
+    return SplitModel(entry_name, stage_modules, stage_ids, num_stages, owned_names, outside_params, held, report)
 
 
 def _find_entry(module: nn.Module, probe_step: str, probe_batch) -> tuple[str, tuple, dict]:

@@ -16,7 +16,7 @@ Forwards that do more than this between the pieces are not covered, hence VERIFI
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.pipeline.cost import Hardware, OpCost
-from lightning_parallel.pipeline.split import FlatOutput, contiguous_grad, price_call
+from lightning_parallel.pipeline.split import FlatOutput, _device_of, contiguous_grad, price_call, standing_in_for_meta
 
 # config.model_type values whose forward tests/test_declared.py checks stage by stage against the
 # unsplit model. Left out, because their forward does more than the swapped pieces:
@@ -243,8 +243,9 @@ def _declared_costs(model, units, args, kwargs, hardware, on_meta) -> list[float
             lambda module, a, kw, unit=unit: calls.setdefault(unit, (a, kw)) and None, with_kwargs=True)
         for unit in units
     ]
+    stand_ins = nullcontext() if on_meta else standing_in_for_meta(model, units, _device_of((args, kwargs)))
     try:
-        with torch.no_grad(), OpCost(hardware, on_meta):
+        with torch.no_grad(), OpCost(hardware, on_meta), stand_ins:
             model(*args, **{**kwargs, "use_cache": False})
     finally:
         for hook in hooks:

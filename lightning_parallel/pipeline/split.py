@@ -15,6 +15,8 @@ that reads them. A stage replays its share of the graph with the model's own mod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +122,11 @@ def measure(entry: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict, hardwa
 def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
     params = {id(p): id(p) for p in entry.parameters()}
     env = bind_placeholders(graph, args, kwargs)
+    # A model built empty is priced on values only where its forward needs them: then each
+    # parameter it reads directly gets a stand-in, and each unit its own while it runs.
+    device = _device_of((args, kwargs))
+    bare = {n.target: _stand_in(resolve(entry, n.target), device) for n in graph.nodes if n.op == "get_attr"}
+    params.update({id(t): id(resolve(entry, name)) for name, t in bare.items()})
     measured = Measured({}, {}, {})
     with OpCost(hardware, on_meta) as counter:
         for node in graph.nodes:
@@ -129,7 +136,7 @@ def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
                 env[node], used = price_call(entry.get_submodule(node.target), tuple(args), dict(kwargs), on_meta, params)
             elif node.op not in ("placeholder", "output"):
                 with torch.no_grad(), _ParameterUse(params) as use:
-                    env[node] = run_node(node, env, entry, {})
+                    env[node] = run_node(node, env, entry, {} if on_meta else bare)
                 used = use.used
             measured.touched[node] = used
             # Backward costs about twice the forward for the code between modules.
@@ -143,12 +150,12 @@ def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, para
     stand-ins for its parameters (meta ones, or detached copies): the model's own gradients are
     left untouched. Returns the (detached) output and the ids of the parameters it used (of
     all `params`)."""
-    device = "meta" if on_meta else None
+    device = "meta" if on_meta else _device_of((args, kwargs))
     own = dict(module.named_parameters(remove_duplicate=False))
-    stand_ins = {name: p.detach().to(device or p.device).requires_grad_(p.requires_grad) for name, p in own.items()}
+    stand_ins = {name: _stand_in(p, device).requires_grad_(p.requires_grad) for name, p in own.items()}
     originals = {**params, **{id(stand_ins[name]): id(p) for name, p in own.items()}}
     # Copies of the buffers too: a forward may update them in place (running statistics).
-    buffers = {n: b.to("meta") if on_meta else b.clone() for n, b in module.named_buffers(remove_duplicate=False)}
+    buffers = {n: _stand_in(b, device) for n, b in module.named_buffers(remove_duplicate=False)}
     tensors = {**stand_ins, **buffers}
 
     def leaf(value: torch.Tensor) -> torch.Tensor:
@@ -164,6 +171,60 @@ def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, para
         if outs and wrt:
             torch.autograd.grad(outs, wrt, [torch.ones_like(t) for t in outs], allow_unused=True)
     return tree_map_only(torch.Tensor, lambda t: t.detach(), out), use.used
+
+
+def _stand_in(t, device):
+    """A detached copy of `t` on `device`; for a tensor of a model built empty (meta), small
+    random values (any will do to price the ops)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.is_meta and device != "meta":
+        return (torch.randn(t.shape, device=device) * 0.02).to(t.dtype)
+    return t.detach().to(device).clone()
+
+
+@contextmanager
+def standing_in_for_meta(model: nn.Module, units: list[str], device) -> Iterator[None]:
+    """Runs a model built empty (meta) on values: each unit gets random stand-ins for its
+    tensors while it runs, so no more than one unit's are allocated at a time; tensors outside
+    the units (a rotary embedding's buffers, say) for the whole block."""
+    def swap_in(module: nn.Module, *_):
+        originals[module] = _swap(module, lambda t: _stand_in(t, device) if t.is_meta else t)
+
+    def swap_back(module: nn.Module, *_):
+        _swap(module, lambda t: originals[module][id(t)] if id(t) in originals[module] else t)
+
+    def _swap(module: nn.Module, new_of) -> dict[int, torch.Tensor]:
+        old_of_new = {}
+        for sub in module.modules():
+            for slots in (sub._parameters, sub._buffers):
+                for name, t in list(slots.items()):
+                    if t is not None:
+                        slots[name] = new_of(t)
+                        old_of_new[id(slots[name])] = t
+        return old_of_new
+
+    originals: dict[nn.Module, dict[int, torch.Tensor]] = {}
+    in_units = {id(t) for u in units for t in [*model.get_submodule(u).parameters(), *model.get_submodule(u).buffers()]}
+    outside = [(sub, slots, name, t) for sub in model.modules() for slots in (sub._parameters, sub._buffers)
+               for name, t in slots.items() if t is not None and t.is_meta and id(t) not in in_units]
+    hooks = []
+    for u in units:
+        hooks += [model.get_submodule(u).register_forward_pre_hook(swap_in),
+                  model.get_submodule(u).register_forward_hook(swap_back)]
+    for _, slots, name, t in outside:
+        slots[name] = _stand_in(t, device)
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for _, slots, name, t in outside:
+            slots[name] = t
+
+
+def _device_of(tree) -> torch.device:
+    return next((t.device for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------ where stages may be cut
