@@ -273,3 +273,22 @@ class ScaledGPT(GPT):
 def scaled_gpt(**overrides) -> ScaledGPT:
     config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
     return ScaledGPT(**{**config, **overrides})
+
+
+def pretrained_llama(path, lr=1e-3):
+    """Fine-tuning as on one process: the Hugging Face model from `from_pretrained`."""
+    from transformers import LlamaForCausalLM
+
+    module = TinyLlama(lr=lr)
+    module.model = LlamaForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    return module
+
+
+def llama_from_config(path, lr=1e-3):
+    """The same model built from its config alone (empty, under HybridParallel); its weights
+    come from HybridParallel(init_from=path)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    module = TinyLlama(lr=lr, layers=0)
+    module.model = LlamaForCausalLM(AutoConfig.from_pretrained(path, attn_implementation="sdpa"))
+    return module
