@@ -26,7 +26,8 @@ A spec is a plain dict (JSON):
                           `trainer.init_module(empty_init=True)`)
     record_params         False to leave the final parameters out of the record (large models)
 
-Every rank records its resident memory after imports and its peak (`rss_after_imports`,
+Every rank records its resident memory after imports, its peak by the start of training (setup
+and sanity validation) and its peak over the run (`rss_after_imports`, `setup_peak_rss`,
 `peak_rss`, in bytes).
 
 The model must log its training loss as "train_loss" and its validation loss as "val_loss".
@@ -40,6 +41,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,9 +60,10 @@ def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0
         out_file = Path(tmp, "record.pt")
         proc = run_processes(spec, out_file, pythonpath, timeout)
         if proc.returncode != 0 or not out_file.exists():
+            errors = sorted({line for line in proc.stderr.splitlines() if re.search(r"^(\[rank\d+\]: )?\w+(Error|Exception)\b", line)})
             raise RuntimeError(
-                f"parity run failed (exit {proc.returncode}) for spec {spec}\n"
-                f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+                f"parity run failed (exit {proc.returncode}) for spec {spec}\n--- errors ---\n" + "\n".join(errors[:20])
+                + f"\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
             )
         record = torch.load(out_file, weights_only=False)
         record["output"] = proc.stdout + proc.stderr
@@ -205,6 +208,7 @@ def _worker(spec_file: str, out_file: str) -> None:
 
     class Recorder(pl.Callback):
         def on_train_start(self, trainer, module):
+            record["setup_peak_rss"] = _per_rank(_peak_resident_bytes())  # setup and sanity validation
             record["summary_total_params"] = ModelSummary(module).total_parameters
             record["elements_held"] = _per_rank(_elements_held(module))
 

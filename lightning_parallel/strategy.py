@@ -85,6 +85,11 @@ class HybridParallel(ParallelStrategy):
             "zero_bubble", "zbv" or "dualpipev".
         pipeline_split: "auto" (stages balanced by counted cost) or the names of the modules
             that begin stages 1, 2, ... (e.g. ["blocks.2"]).
+        reshard_per_micro_batch: under pipeline parallelism with data parallelism, gather each
+            block's parameters and reduce-scatter its gradients for every micro-batch, instead of
+            keeping the stage's parameters gathered and its gradients unsharded for the whole
+            step: the least memory (about one block's full parameters and gradients at a time)
+            for more communication.
         init_from: weights to start from, read into each rank's shards: a Hugging Face model
             directory (safetensors), a one-file Lightning or torch checkpoint, or a HybridParallel
             checkpoint directory (weights only; resume with `fit(ckpt_path=...)` instead).
@@ -106,6 +111,7 @@ class HybridParallel(ParallelStrategy):
         micro_batches: Optional[int] = None,
         schedule: str = "1f1b",
         pipeline_split: Union[str, list] = "auto",
+        reshard_per_micro_batch: bool = False,
         init_from: Optional[str] = None,
         backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
@@ -122,11 +128,20 @@ class HybridParallel(ParallelStrategy):
         check_type("sequence_parallel", sequence_parallel, (bool,), "True or False")
         check_type("loss_parallel", loss_parallel, (bool,), "True or False")
         check_type("schedule", schedule, (str,), "a schedule name")
+        check_type("reshard_per_micro_batch", reshard_per_micro_batch, (bool,), "True or False")
         check_type("init_from", init_from, (str, os.PathLike, type(None)), "a path, or None")
         check_type("backend", backend, (str, type(None)), "a backend name such as 'gloo' or 'nccl', or None")
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
+        if reshard_per_micro_batch and pipeline_parallel == 1:
+            raise LayoutError("reshard_per_micro_batch applies to pipeline stages: set pipeline_parallel > 1, or leave it False.")
+        if reshard_per_micro_batch and self._schedule_spec.split_backward:
+            raise LayoutError(
+                f"reshard_per_micro_batch does not work with schedule={schedule!r}, which computes weight gradients "
+                "after the input gradients, when data parallelism has already reduced them: choose gpipe, 1f1b, "
+                "interleaved_1f1b or looped_bfs, or leave reshard_per_micro_batch False."
+            )
         if pipeline_parallel > 1 and callable(tensor_plan):
             raise LayoutError(
                 "A callable tensor_plan parallelizes the whole module, but under pipeline_parallel each rank holds "
@@ -144,6 +159,7 @@ class HybridParallel(ParallelStrategy):
         self.micro_batches = micro_batches
         self.schedule = schedule
         self.pipeline_split = pipeline_split if pipeline_split == "auto" else list(pipeline_split)
+        self.reshard_per_micro_batch = reshard_per_micro_batch
         self.init_from = None if init_from is None else str(init_from)
         self.backend = backend
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
@@ -344,7 +360,7 @@ class HybridParallel(ParallelStrategy):
                 stage.publish_parameters()
             self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
                                             self.device_mesh["pp"].get_group(), self.device_mesh["dp"].get_group(),
-                                            self.root_device)
+                                            self.root_device, self.reshard_per_micro_batch)
             return None
         runner = None
         if layout.dp > 1:

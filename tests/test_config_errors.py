@@ -29,6 +29,10 @@ def trainer(devices=2, **kwargs):
         ({"timeout": "600"}, r"timeout must be a number of seconds, got '600' \(str\)"),
         ({"timeout": True}, r"timeout must be a number of seconds, got True \(bool\)"),
         ({"schedule": ["1f1b"]}, r"schedule must be a schedule name, got \['1f1b'\] \(list\)"),
+        ({"reshard_per_micro_batch": True}, r"reshard_per_micro_batch applies to pipeline stages: set pipeline_parallel > 1"),
+        ({"reshard_per_micro_batch": True, "pipeline_parallel": 2, "schedule": "zbv"},
+         r"reshard_per_micro_batch does not work with schedule='zbv', which computes weight gradients after"),
+        ({"init_from": 3}, r"init_from must be a path, or None, got 3 \(int\)"),
     ],
 )
 def test_bad_arguments_fail_in_the_constructor(kwargs, message):

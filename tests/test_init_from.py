@@ -81,3 +81,11 @@ def test_a_hybrid_parallel_checkpoint_directory_as_init_from(pretrained, tmp_pat
     torch.save({"epoch": 3}, directory / META_FILE)
     spec = _spec(path)
     parity.assert_parity(reference(spec), run({**spec, **_from(directory, LAYOUTS["3d_full"])}))
+
+
+def test_a_model_built_with_values_reads_init_from_too(pretrained):
+    path, _ = pretrained
+    spec = _spec(path)
+    parallel = {**spec, "model": "tests.models:llama_from_config", "devices": 2,
+                "strategy": {"data_parallel": 2, "init_from": str(path)}}
+    parity.assert_parity(reference(spec), run(parallel))

@@ -81,3 +81,14 @@ def test_3d_dp2_tp2_pp2(sharding):
     par = run({**GPT, "devices": 8, "strategy": strategy})
     parity.assert_parity(ref, par)
     assert "HybridParallel layout pp=2 x dp=2 x tp=2 on 8 processes" in par["output"]
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+def test_resharding_per_micro_batch(schedule):
+    """Each block gathered and its gradients reduce-scattered for every micro-batch: the same
+    training, with fewer parameters and gradients held in full at a time."""
+    ref = reference(GPT)
+    strategy = {"pipeline_parallel": 2, "data_parallel": 2, "sharding": "full", "schedule": schedule,
+                "micro_batches": 4, "reshard_per_micro_batch": True}
+    par = run({**GPT, "devices": 4, "strategy": strategy})
+    parity.assert_parity(ref, par)

@@ -186,14 +186,30 @@ def concrete_args_for(module, args: tuple, kwargs: dict) -> dict:
     }
 
 
+class _Holder(nn.Module):
+    """A stage as torch's PipelineStage sees it when it must not recognize the FSDP2 module
+    inside: it then keeps FSDP2's own per-backward behaviour (each block's parameters gathered
+    for its forward and its backward, its gradients reduce-scattered right after) instead of
+    keeping every block gathered and its gradients unsharded until the step's last micro-batch."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, *args, **kwargs):
+        return self.stage(*args, **kwargs)
+
+
 class PipelineRunner:
     """This rank's stages, their schedules (one per input shape), and Lightning's steps run
     through them."""
 
     SHAPES_KEPT = 8  # schedules kept (training and evaluation ones), the least recently used dropped first
 
-    def __init__(self, module, split, spec, micro_batches: int, pp_group, dp_group, device) -> None:
+    def __init__(self, module, split, spec, micro_batches: int, pp_group, dp_group, device,
+                 reshard_per_micro_batch: bool = False) -> None:
         self.module = module
+        self.reshard_per_micro_batch = reshard_per_micro_batch
         self.entry_name = split.entry
         self.entry = module.get_submodule(split.entry)
         self.split = split
@@ -228,7 +244,8 @@ class PipelineRunner:
         key = (kind, tuple((tuple(t.shape), t.dtype) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)))
         if key not in self._schedules:
             stages = [
-                PipelineStage(sm, sid, self.split.num_stages, self.device, group=self.pp_group)
+                PipelineStage(_Holder(sm) if self.reshard_per_micro_batch else sm, sid, self.split.num_stages,
+                              self.device, group=self.pp_group)
                 for sm, sid in zip(self.split.stage_modules, self.split.stage_ids)
             ]
             build = build_schedule if kind == "train" else build_eval_schedule

@@ -16,6 +16,7 @@ class ScheduleSpec:
     stages_per_rank: int  # virtual stages a rank holds
     v_shape: bool  # rank r holds stages r and 2P-1-r (else looped: r, r+P, ...)
     min_microbatches_per_rank: int  # M >= this x P
+    split_backward: bool = False  # input and weight gradients computed apart (zero-bubble family)
 
 
 SCHEDULES = {
@@ -23,9 +24,9 @@ SCHEDULES = {
     "1f1b": ScheduleSpec("Schedule1F1B", 1, False, 1),
     "interleaved_1f1b": ScheduleSpec("ScheduleInterleaved1F1B", 2, False, 1),
     "looped_bfs": ScheduleSpec("ScheduleLoopedBFS", 2, False, 0),
-    "zero_bubble": ScheduleSpec("ScheduleInterleavedZeroBubble", 2, False, 1),
-    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, True, 1),
-    "dualpipev": ScheduleSpec("ScheduleDualPipeV", 2, True, 2),
+    "zero_bubble": ScheduleSpec("ScheduleInterleavedZeroBubble", 2, False, 1, True),
+    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, True, 1, True),
+    "dualpipev": ScheduleSpec("ScheduleDualPipeV", 2, True, 2, True),
 }
 
 
