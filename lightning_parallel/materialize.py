@@ -93,6 +93,7 @@ def check_initializable(module: nn.Module, loaded: set[str] = frozenset()) -> No
         for prefix, sub, init, names in _initializers(module)
         if init is None and not all(n in loaded for n in names)
     ]
+    _refuse_empty_metrics(module)
     if missing:
         raise LayoutError(
             f"{type(module).__name__} was built empty (on the meta device, by trainer.init_module(empty_init=True) or "
@@ -101,6 +102,24 @@ def check_initializable(module: nn.Module, loaded: set[str] = frozenset()) -> No
             "(Lightning's convention), or the model an init_weights() that initializes everything, or load the "
             "weights with HybridParallel(init_from=CHECKPOINT); or build the model outside empty init."
         )
+
+
+def _refuse_empty_metrics(module: nn.Module) -> None:
+    """A torchmetrics metric built on meta has lost its states' starting values (zeros, -inf...),
+    which no init knows how to restore."""
+    empty = [name or type(module).__name__ for name, sub in module.named_modules()
+             if any(isinstance(v, torch.Tensor) and v.is_meta for v in _metric_defaults(sub))]
+    if empty:
+        raise LayoutError(
+            f"The metric(s) {', '.join(empty)} were built empty (on the meta device, under "
+            "trainer.init_module(empty_init=True) or in configure_model) and have lost their states' starting "
+            "values. Create metrics outside empty init: in setup(), or build only the network in configure_model."
+        )
+
+
+def _metric_defaults(module: nn.Module) -> list:
+    """A torchmetrics metric's states' starting values (none for other modules)."""
+    return list(getattr(module, "_defaults", {}).values()) if hasattr(module, "add_state") else []
 
 
 # ------------------------------------------------------------------------ allocating

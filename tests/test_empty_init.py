@@ -147,3 +147,12 @@ def test_tied_weights_stay_tied_when_materialized():
         model[1].weight = model[0].weight
     materialize.materialize(model, [model], None, torch.device("cpu"))
     assert model[1].weight is model[0].weight and not model[0].weight.is_meta
+
+
+def test_a_metric_built_empty_is_refused():
+    from tests.models import ResidualMLP
+
+    with torch.device("meta"):
+        model = ResidualMLP()
+    with pytest.raises(LayoutError, match=r"The metric\(s\) val_mse were built empty"):
+        materialize.check_initializable(model)

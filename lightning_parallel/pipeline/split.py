@@ -155,7 +155,7 @@ def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, para
     stand_ins = {name: _stand_in(p, device).requires_grad_(p.requires_grad) for name, p in own.items()}
     originals = {**params, **{id(stand_ins[name]): id(p) for name, p in own.items()}}
     # Copies of the buffers too: a forward may update them in place (running statistics).
-    buffers = {n: _stand_in(b, device) for n, b in module.named_buffers(remove_duplicate=False)}
+    buffers = {n: _stand_in(b, device, copy=True) for n, b in module.named_buffers(remove_duplicate=False)}
     tensors = {**stand_ins, **buffers}
 
     def leaf(value: torch.Tensor) -> torch.Tensor:
@@ -173,14 +173,14 @@ def price_call(module: nn.Module, args: tuple, kwargs: dict, on_meta: bool, para
     return tree_map_only(torch.Tensor, lambda t: t.detach(), out), use.used
 
 
-def _stand_in(t, device):
-    """A detached copy of `t` on `device`; for a tensor of a model built empty (meta), small
-    random values (any will do to price the ops)."""
+def _stand_in(t, device, copy: bool = False):
+    """`t` detached, on `device` (a copy if `copy`); for a tensor of a model built empty (meta),
+    small random values (any will do to price the ops). Inside an OpCost, the move is priced."""
     if not isinstance(t, torch.Tensor):
         return t
     if t.is_meta and device != "meta":
         return (torch.randn(t.shape, device=device) * 0.02).to(t.dtype)
-    return t.detach().to(device).clone()
+    return t.detach().to(device, copy=copy)
 
 
 @contextmanager
