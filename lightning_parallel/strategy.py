@@ -382,7 +382,13 @@ class HybridParallel(ParallelStrategy):
             seed = self.broadcast(torch.initial_seed())
             materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded_names(module))
         if self.init_from:
-            loaded = weights.load_weights(module, self.init_from)
+            # Tensors the checkpoint lacks keep their values: their init's (check_initializable
+            # refused those that have none), or those the model was built with.
+            loaded = weights.load_weights(module, self.init_from, strict=False)
+            if loaded.missing:
+                rank_zero_warn(f"init_from {self.init_from} lacks {len(loaded.missing)} of the model's tensors, which "
+                               f"keep their initialization: {', '.join(loaded.missing[:8])}"
+                               f"{', ...' if len(loaded.missing) > 8 else ''}")
             if loaded.unused:
                 rank_zero_warn(f"init_from {self.init_from}: {len(loaded.unused)} tensors name nothing in the model "
                                f"and were not read: {', '.join(loaded.unused[:8])}{', ...' if len(loaded.unused) > 8 else ''}")

@@ -35,6 +35,7 @@ class Loaded(list):
     checkpoint's keys that name no tensor of the module, for the caller to warn about."""
 
     unused: list[str]
+    missing: list[str]  # (every rank's) held tensors the checkpoint lacks, when not strict
 
 
 def checkpoint_kind(path) -> str:
@@ -56,12 +57,13 @@ def checkpoint_kind(path) -> str:
     return "file"
 
 
-def load_weights(module: nn.Module, path) -> Loaded:
+def load_weights(module: nn.Module, path, strict: bool = True) -> Loaded:
     """Collective: every rank calls it. Overwrites the parameters and persistent buffers this
     rank holds (names as in module.state_dict(); meta tensors skipped) from `path`, reading only
     this rank's regions. The checkpoint's keys may name the tensors under a child module (a
     Hugging Face model held as `self.model`): the prefix matching the most keys is used.
-    Raises on every rank, before reading, if a held tensor is absent or differs in shape, or if
+    Raises on every rank, before reading, if a held tensor differs in shape, is absent (unless
+    not `strict`: then the absent ones are listed in `missing` and keep their values), or if
     the checkpoint cannot be opened on some rank."""
     with torch.no_grad():
         try:
@@ -75,12 +77,14 @@ def load_weights(module: nn.Module, path) -> Loaded:
             raise failure
         if failures:
             raise RuntimeError(f"init_from {path} could not be opened on every rank: {failures}")
-        _raise_if_any(problems, path, kind, prefix, shapes)
+        missing, mismatched = problems
+        _raise_if_any((missing if strict else [], mismatched), path, kind, prefix, shapes)
         if kind == "file":
             _copy_regions(plan, source)
         else:
             _dcp_load(kind, path, plan)
     loaded = Loaded(loaded)
+    loaded.missing = sorted(missing)
     module_keys = {n[len(prefix):] for n in names if n.startswith(prefix)}
     loaded.unused = sorted(set(shapes) - module_keys)
     return loaded

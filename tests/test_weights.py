@@ -136,6 +136,16 @@ def test_extra_keys_are_reported_not_loaded(tmp_path):
     assert sorted(loaded) == ["0.bias", "0.weight"] and loaded.unused == ["9.weight"]
 
 
+def test_not_strict_a_tensor_the_checkpoint_lacks_keeps_its_value(tmp_path):
+    """A fine-tuning head the pretrained weights do not have keeps its initialization."""
+    torch.save({"0.weight": torch.ones(3, 4), "0.bias": torch.ones(3)}, tmp_path / "w.pt")
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    head = model[1].weight.detach().clone()
+    loaded = load_weights(model, tmp_path / "w.pt", strict=False)
+    assert sorted(loaded) == ["0.bias", "0.weight"] and loaded.missing == ["1.bias", "1.weight"]
+    assert torch.equal(model[0].weight, torch.ones(3, 4)) and torch.equal(model[1].weight, head)
+
+
 # ---------------------------------------------------------------- errors
 
 
