@@ -43,6 +43,8 @@ def empty_init() -> Iterator[None]:
         try:
             yield
         except UserWarning as warning:
+            if "meta parameter in the current model" not in str(warning):
+                raise
             raise LayoutError(
                 "The model was loaded with weights while it was built on the meta device (inside configure_model or "
                 "trainer.init_module(empty_init=True)), where tensors hold no values and the load does nothing. "
