@@ -171,6 +171,7 @@ class HybridParallel(ParallelStrategy):
         self._parallelized_module = None
         self._metric_group = None
         self._failed = False
+        self._loaded: set[str] = set()  # tensor names init_from provides
         self._requeue = None  # SLURM's requeue signal, acted on at the next step's start
 
     # ----------------------------------------------------------------- layout and processes
@@ -327,8 +328,10 @@ class HybridParallel(ParallelStrategy):
         `init_from`). Returns the module every step enters through when data parallelism needs
         one. Every check runs before the first collective."""
         empty = materialize.is_empty(module)
+        # Names init_from provides (read from the checkpoint's key list once): init leaves them.
+        self._loaded = weights.checkpoint_names(module, self.init_from) if self.init_from else set()
         if empty:
-            materialize.check_initializable(module, self._loaded_names(module))
+            materialize.check_initializable(module, self._loaded)
         if is_parallelized(module):
             # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
             rank_zero_info("HybridParallel: the module applied its own parallelism in configure_model; using it as is.")
@@ -369,9 +372,6 @@ class HybridParallel(ParallelStrategy):
         self._fill(module, [runner or module], None, empty)
         return runner
 
-    def _loaded_names(self, module) -> set[str]:
-        return weights.checkpoint_names(module, self.init_from) if self.init_from else set()
-
     def _fill(self, module, roots, held: Optional[set], empty: bool) -> None:
         """Gives the parallelized model its values: for a model built empty, allocates what this
         rank holds (under `roots`, and the `held` names of the rest) and initializes it; then
@@ -380,7 +380,7 @@ class HybridParallel(ParallelStrategy):
             materialize.materialize(module, roots, held, self.root_device)
             materialize.set_device(module, self.root_device)
             seed = self.broadcast(torch.initial_seed())
-            materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded_names(module))
+            materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded)
         if self.init_from:
             # Tensors the checkpoint lacks keep their values: their init's (check_initializable
             # refused those that have none), or those the model was built with.

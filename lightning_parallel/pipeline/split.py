@@ -124,8 +124,8 @@ def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
     env = bind_placeholders(graph, args, kwargs)
     # A model built empty is priced on values only where its forward needs them: then each
     # parameter it reads directly gets a stand-in, and each unit its own while it runs.
-    device = _device_of((args, kwargs))
-    bare = {n.target: _stand_in(resolve(entry, n.target), device) for n in graph.nodes if n.op == "get_attr"}
+    bare = {} if on_meta else {n.target: _stand_in(resolve(entry, n.target), _device_of((args, kwargs)))
+                               for n in graph.nodes if n.op == "get_attr"}
     params.update({id(t): id(resolve(entry, name)) for name, t in bare.items()})
     measured = Measured({}, {}, {})
     with OpCost(hardware, on_meta) as counter:
@@ -136,7 +136,7 @@ def _measure(entry, graph, args, kwargs, hardware, on_meta) -> Measured:
                 env[node], used = price_call(entry.get_submodule(node.target), tuple(args), dict(kwargs), on_meta, params)
             elif node.op not in ("placeholder", "output"):
                 with torch.no_grad(), _ParameterUse(params) as use:
-                    env[node] = run_node(node, env, entry, {} if on_meta else bare)
+                    env[node] = run_node(node, env, entry, bare)
                 used = use.used
             measured.touched[node] = used
             # Backward costs about twice the forward for the code between modules.
