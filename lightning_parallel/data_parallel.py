@@ -1,9 +1,14 @@
 """Data parallelism: the same model on every data-parallel rank, each rank reading its own shard.
 
-Both sharding modes use PyTorch's FSDP2 machinery, so tensor parallelism (DTensor parameters),
-gradient accumulation without communication, and clipping work the same way in each:
-- "none": `replicate` (FSDP2's DDP): parameters replicated, gradients all-reduced (averaged).
-- "full": `fully_shard` (FSDP2): parameters, gradients and optimizer state sharded over dp.
+Every sharding mode is FSDP2's `fully_shard` (public API), so tensor parallelism (DTensor
+parameters), gradient accumulation, mixed precision and clipping work the same way in each:
+- "none": the (dp_replicate=dp, dp_shard=1) mesh: FSDP2's HSDP with shards of one rank, i.e.
+  DDP (parameters replicated, gradients all-reduced).
+- "full": the dp_shard mesh: parameters, gradients and optimizer state sharded over dp.
+- "hybrid": the (dp_replicate, dp_shard) mesh: sharded within a replica (a node), gradients
+  reduce-scattered there and all-reduced across replicas (HSDP).
+torch 2.13's `fully_shard(dp_mesh_dims=...)` is not used: it wants every parameter (and so every
+activation) as a DTensor on the whole mesh, which a user's module does not compute with.
 """
 
 from __future__ import annotations
@@ -12,12 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-# FSDP2's DDP lives in a private module in torch 2.13; it composes with DTensor tensor
-# parallelism, which torch.nn.parallel.DistributedDataParallel does not.
-from torch.distributed._composable.replicate_with_fsdp import replicate
+from lightning_parallel.layout import Layout
 
 
 class StepRunner(nn.Module):
@@ -53,20 +56,43 @@ def data_parallel_units(module: nn.Module) -> list[nn.Module]:
     return units
 
 
-def apply_data_parallel(root: nn.Module, dp_mesh: DeviceMesh, sharding: str) -> None:
+def data_parallel_mesh(mesh: DeviceMesh, layout: Layout) -> DeviceMesh:
+    """The mesh FSDP2 runs on: 1-D (shard) when nothing is replicated, else 2-D (replicate, shard)."""
+    return mesh["dp_shard"] if layout.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+
+
+def apply_data_parallel(root: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
+                        reshard_after_forward: bool = True) -> None:
     """Wraps each block, then `root` (the module every step enters through: the step runner,
-    or a pipeline stage), with `replicate` or `fully_shard` over dp."""
-    wrap = fully_shard if sharding == "full" else replicate
+    or a pipeline stage), with `fully_shard` over `dp_mesh`. `reshard_after_forward=False`
+    keeps each block gathered from its forward to its backward (pipeline stages, whose
+    micro-batches would otherwise gather every block again for each of them)."""
     for unit in data_parallel_units(root):
-        wrap(unit, mesh=dp_mesh)
-    wrap(root, mesh=dp_mesh)
+        fully_shard(unit, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # The root's own parameters stay gathered after its forward unless told otherwise (FSDP2's default).
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=None if reshard_after_forward else False)
 
 
-def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
-    """Turns the dp gradient reduction of every FSDP2 module under `module` on or off."""
+def mixed_precision_policy(precision: str, reduce_dtype: str | None) -> MixedPrecisionPolicy:
+    """Under bf16-mixed, parameters are gathered and computed in bf16 (the sharded fp32 ones stay
+    the master weights the optimizer updates) and gradients reduced in fp32 unless `reduce_dtype`
+    says bf16. Lightning's autocast stays on around the step, as in one process, so the ops it
+    keeps in fp32 (softmax, norms, losses) still run in fp32."""
+    param_dtype = torch.bfloat16 if precision == "bf16-mixed" else None
+    reduce = {None: torch.float32 if param_dtype else None, "float32": torch.float32, "bfloat16": torch.bfloat16}[reduce_dtype]
+    return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool, keep_sharded: bool = False) -> None:
+    """Turns the dp gradient reduction of every FSDP2 module under `module` on or off. With
+    `keep_sharded`, gradients are still reduce-scattered (accumulated as shards); only the
+    all-reduce across replicas waits (nothing under full sharding)."""
     for sub in module.modules():
         if isinstance(sub, FSDPModule):
-            sub.set_requires_gradient_sync(enabled, recurse=False)
+            if keep_sharded:
+                sub.set_requires_all_reduce(enabled, recurse=False)
+            else:
+                sub.set_requires_gradient_sync(enabled, recurse=False)
 
 
 def is_parallelized(module: nn.Module) -> bool:

@@ -6,6 +6,7 @@ configuration raises on every rank before any process group exists.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,9 +16,10 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 # Outermost to innermost. Tensor parallelism is innermost so that its groups, which talk
-# the most, are made of consecutive ranks and so stay inside one node.
-MESH_DIMS = ("pp", "dp", "tp")
-SHARDING_CHOICES = ("none", "full")
+# the most, are made of consecutive ranks and so stay inside one node; for the same reason
+# FSDP's shard groups (all-gathers in every block) sit inside the replicas (one all-reduce).
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+SHARDING_CHOICES = ("none", "full", "hybrid")
 
 Degree = Union[int, str]
 
@@ -49,24 +51,54 @@ def check_sharding(sharding: str) -> None:
         raise LayoutError(
             f"sharding={sharding!r} is not one of {SHARDING_CHOICES}: use 'none' to replicate parameters "
             "(gradients all-reduced, as DDP does) or 'full' to shard parameters, gradients and optimizer "
-            "state over the data-parallel ranks (FSDP2)."
+            "state over the data-parallel ranks (FSDP2), or 'hybrid' to shard within groups of "
+            "data_parallel_shard ranks (a node) and replicate across them (HSDP)."
         )
+
+
+def resolve_shard_degree(sharding: str, dp: int, data_parallel_shard: Degree, per_node: int) -> int:
+    """How many data-parallel ranks shard parameters among themselves: 1 when replicating, all
+    of them under full sharding, `data_parallel_shard` under hybrid sharding (by default the
+    data-parallel ranks of a node, `per_node`, as far as they divide dp)."""
+    if sharding != "hybrid":
+        if data_parallel_shard != "auto":
+            raise LayoutError(
+                f"data_parallel_shard={data_parallel_shard!r} applies to sharding='hybrid' only (sharding={sharding!r}): "
+                "set sharding='hybrid', or leave data_parallel_shard unset."
+            )
+        return dp if sharding == "full" else 1
+    if data_parallel_shard == "auto":
+        return math.gcd(dp, max(1, per_node))
+    if dp % data_parallel_shard:
+        raise LayoutError(
+            f"data_parallel_shard={data_parallel_shard} does not divide the data-parallel degree {dp}: hybrid sharding "
+            f"splits the {dp} data-parallel ranks into replicas of data_parallel_shard ranks each. Choose a divisor of {dp} "
+            "(the devices of a node, typically)."
+        )
+    return data_parallel_shard
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Degrees of pipeline (pp), data (dp) and tensor (tp) parallelism; pp * dp * tp == world size."""
+    """Degrees of pipeline (pp), data (dp) and tensor (tp) parallelism; pp * dp * tp == world size.
+    The dp ranks form dp_replicate groups of dp_shard ranks: parameters are sharded within a
+    group and replicated across groups (dp_shard is 1 when replicating, dp under full sharding)."""
 
     pp: int
     dp: int
     tp: int
+    dp_shard: int = 1
 
     @classmethod
-    def resolve(cls, world_size: int, data_parallel: Degree, tensor_parallel: int, pipeline_parallel: int) -> Layout:
-        """Fills in data_parallel="auto" and checks that the degrees tile the world exactly."""
+    def resolve(cls, world_size: int, data_parallel: Degree, tensor_parallel: int, pipeline_parallel: int,
+                sharding: str = "none", data_parallel_shard: Degree = "auto", per_node: int = 1) -> Layout:
+        """Fills in data_parallel="auto" (and data_parallel_shard) and checks that the degrees
+        tile the world exactly."""
         check_degree("data_parallel", data_parallel, allow_auto=True)
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
+        check_degree("data_parallel_shard", data_parallel_shard, allow_auto=True)
+        check_sharding(sharding)
         model_parallel = tensor_parallel * pipeline_parallel
         if data_parallel == "auto":
             if world_size % model_parallel:
@@ -83,32 +115,48 @@ class Layout:
                 f"{tensor_parallel} = {data_parallel * model_parallel}, but the world size (devices x num_nodes) "
                 f"is {world_size}. Make the product equal the number of processes, or set data_parallel='auto'."
             )
-        return cls(pp=pipeline_parallel, dp=data_parallel, tp=tensor_parallel)
+        # tp is the innermost dim: a node of `per_node` processes holds per_node / tp data-parallel ranks.
+        dp_shard = resolve_shard_degree(sharding, data_parallel, data_parallel_shard, per_node // tensor_parallel)
+        return cls(pp=pipeline_parallel, dp=data_parallel, tp=tensor_parallel, dp_shard=dp_shard)
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.dp // self.dp_shard
 
     @property
     def world_size(self) -> int:
         return self.pp * self.dp * self.tp
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIMS)
-        # Modules written for Lightning's ModelParallelStrategy ask for these names.
+        """The (pp, dp_replicate, dp_shard, tp) mesh, with "dp" naming the data-parallel ranks
+        as one dim (what a sampler, metrics and Lightning's reductions use)."""
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+        # DeviceMesh has no public way to merge dims in torch 2.13 (_flatten is torchtitan's way too).
+        # Modules written for Lightning's ModelParallelStrategy ask for the long names.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mesh["dp"]._flatten("data_parallel")
+            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            mesh["dp_replicate", "dp_shard"]._flatten("data_parallel")
             mesh["tp"]._flatten("tensor_parallel")
         return mesh
 
     def __str__(self) -> str:
+        if 1 < self.dp_shard < self.dp:
+            return f"pp={self.pp} x dp={self.dp} ({self.dp_replicate} replicas x {self.dp_shard} shards) x tp={self.tp}"
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
 
 
 def describe_ranks(layout: Layout, ranks: list[tuple[str, int, list[int]]]) -> str:
     """One line per rank: its host, its node index and its coordinates in the mesh. `ranks[r]`
-    is rank r's (host name, node rank, mesh coordinate). The node index tells nodes apart where
-    host names do not (several emulated nodes on one host)."""
+    is rank r's (host name, node rank, (pp, dp_replicate, dp_shard, tp) coordinate). The node
+    index tells nodes apart where host names do not (several emulated nodes on one host)."""
     lines = [f"HybridParallel layout {layout} on {layout.world_size} processes"]
-    for rank, (host, node, coordinate) in enumerate(ranks):
-        where = " ".join(f"{dim}={index}" for dim, index in zip(MESH_DIMS, coordinate))
+    hybrid = 1 < layout.dp_shard < layout.dp
+    for rank, (host, node, (pp, replica, shard, tp)) in enumerate(ranks):
+        where = f"pp={pp} dp={replica * layout.dp_shard + shard} tp={tp}"
+        if hybrid:
+            where += f" (replica {replica}, shard {shard})"
         lines.append(f"  rank {rank:>3} on {host} (node {node}): {where}")
     return "\n".join(lines)
 

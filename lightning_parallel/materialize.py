@@ -231,9 +231,9 @@ def _quiet_cpu_dtensor_rng() -> Iterator[None]:
 
 
 def _make_replicas_equal(module: nn.Module, mesh: DeviceMesh) -> None:
-    """Broadcasts each tensor replicated over the tensor- or data-parallel group from the group's
-    first rank (a plain tensor is replicated over both; a DTensor where it is not sharded)."""
-    for dim in ("tp", "dp"):
+    """Broadcasts each tensor replicated over a tensor- or data-parallel mesh dim from the dim's
+    first rank (a plain tensor is replicated over every dim; a DTensor where it is not sharded)."""
+    for dim in ("tp", "dp_shard", "dp_replicate"):
         if mesh[dim].size() == 1:
             continue
         group = mesh[dim].get_group()

@@ -35,12 +35,17 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 
 from lightning_parallel import checkpoint, export, materialize, weights
+from lightning_parallel.activation_checkpointing import AC_CHOICES, apply_activation_checkpointing
+from lightning_parallel.compiling import apply_compile, check_compile
 from lightning_parallel.preemption import defer_slurm_requeue
 from lightning_parallel.data_parallel import (
     StepRunner,
     apply_data_parallel,
     broadcast_module_state,
+    data_parallel_mesh,
+    data_parallel_units,
     is_parallelized,
+    mixed_precision_policy,
     reshard,
     set_gradient_sync,
 )
@@ -62,6 +67,7 @@ from lightning_parallel.layout import (
 )
 
 SUPPORTED_PRECISION = ("32-true", "bf16-mixed", "bf16-true", "16-true")
+REDUCE_DTYPES = (None, "float32", "bfloat16")
 
 
 class HybridParallel(ParallelStrategy):
@@ -72,7 +78,19 @@ class HybridParallel(ParallelStrategy):
         tensor_parallel: tensor-parallel degree (innermost mesh dim; keep it within a node).
         pipeline_parallel: pipeline-parallel degree (outermost mesh dim).
         sharding: "none" replicates parameters and all-reduces gradients (DDP); "full" shards
-            parameters, gradients and optimizer state over the data-parallel ranks (FSDP2).
+            parameters, gradients and optimizer state over the data-parallel ranks (FSDP2);
+            "hybrid" shards them within groups of `data_parallel_shard` ranks and replicates
+            across the groups (HSDP: all-gathers stay inside a node).
+        data_parallel_shard: under sharding="hybrid", the ranks of one shard group; "auto" is
+            the processes of a node (as far as they divide the data-parallel degree).
+        reduce_dtype: the dtype data parallelism reduces gradients in: "float32" or "bfloat16"
+            (half the traffic). Default: float32 under precision="bf16-mixed" (whose
+            parameters are gathered and computed in bf16, with fp32 master weights and
+            optimizer state), the parameters' dtype otherwise.
+        activation_checkpointing: "none"; "full" (each trunk block keeps only its input and
+            recomputes the rest in the backward); "selective" (keeps matmul outputs, recomputes
+            the cheap ops around them).
+        compile: compile each trunk block with torch.compile.
         tensor_plan: "auto" (the model's declared plan, else an inferred one), a dict of
             module-name globs to style names, or a callable (module, tp_mesh).
         sequence_parallel: run norms and dropouts between tensor-parallel regions on sequence
@@ -105,6 +123,10 @@ class HybridParallel(ParallelStrategy):
         tensor_parallel: int = 1,
         pipeline_parallel: int = 1,
         sharding: str = "none",
+        data_parallel_shard: Union[int, str] = "auto",
+        reduce_dtype: Optional[str] = None,
+        activation_checkpointing: str = "none",
+        compile: bool = False,
         tensor_plan: Union[str, dict, Callable] = "auto",
         sequence_parallel: bool = False,
         loss_parallel: bool = False,
@@ -125,6 +147,17 @@ class HybridParallel(ParallelStrategy):
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
         check_sharding(sharding)
+        check_degree("data_parallel_shard", data_parallel_shard, allow_auto=True)
+        if data_parallel_shard != "auto" and sharding != "hybrid":
+            raise LayoutError(f"data_parallel_shard={data_parallel_shard!r} applies to sharding='hybrid' only "
+                              f"(sharding={sharding!r}): set sharding='hybrid', or leave data_parallel_shard unset.")
+        if reduce_dtype not in REDUCE_DTYPES:
+            raise LayoutError(f"reduce_dtype={reduce_dtype!r} is not one of {sorted(REDUCE_DTYPES, key=str)}: "
+                              "'float32' reduces gradients in full precision, 'bfloat16' in half (half the traffic).")
+        if activation_checkpointing not in AC_CHOICES:
+            raise LayoutError(f"activation_checkpointing={activation_checkpointing!r} is not one of {AC_CHOICES}: 'full' "
+                              "recomputes each trunk block's activations in the backward, 'selective' all but matmul outputs.")
+        check_type("compile", compile, (bool,), "True or False")
         check_type("sequence_parallel", sequence_parallel, (bool,), "True or False")
         check_type("loss_parallel", loss_parallel, (bool,), "True or False")
         check_type("schedule", schedule, (str,), "a schedule name")
@@ -134,6 +167,7 @@ class HybridParallel(ParallelStrategy):
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
+        check_compile(compile, self._schedule_spec if pipeline_parallel > 1 else None)
         if reshard_per_micro_batch and pipeline_parallel == 1:
             raise LayoutError("reshard_per_micro_batch applies to pipeline stages: set pipeline_parallel > 1, or leave it False.")
         if reshard_per_micro_batch and self._schedule_spec.split_backward:
@@ -153,6 +187,10 @@ class HybridParallel(ParallelStrategy):
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
         self.sharding = sharding
+        self.data_parallel_shard = data_parallel_shard
+        self.reduce_dtype = reduce_dtype
+        self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
         self.tensor_plan = dict(tensor_plan) if isinstance(tensor_plan, Mapping) else tensor_plan
         self.sequence_parallel = sequence_parallel
         self.loss_parallel = loss_parallel
@@ -181,7 +219,8 @@ class HybridParallel(ParallelStrategy):
         """The resolved degrees; known once Lightning has told the strategy its devices."""
         if self._layout is None:
             self._layout = Layout.resolve(
-                self.num_nodes * self.num_processes, self.data_parallel, self.tensor_parallel, self.pipeline_parallel
+                self.num_nodes * self.num_processes, self.data_parallel, self.tensor_parallel, self.pipeline_parallel,
+                self.sharding, self.data_parallel_shard, per_node=self.num_processes,
             )
         return self._layout
 
@@ -334,6 +373,9 @@ class HybridParallel(ParallelStrategy):
             materialize.check_initializable(module, self._loaded)
         if is_parallelized(module):
             # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
+            if self.activation_checkpointing != "none" or self.compile:
+                raise LayoutError("The module applied its own parallelism in configure_model: apply activation "
+                                  "checkpointing and compile there too, and leave those HybridParallel options unset.")
             rank_zero_info("HybridParallel: the module applied its own parallelism in configure_model; using it as is.")
             self._fill(module, [module], None, empty)
             return None
@@ -354,10 +396,20 @@ class HybridParallel(ParallelStrategy):
                 owned = split.owned_names if split else None
                 apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel, owned)
 
+        roots = split.stage_modules if split is not None else [module]
+        blocks = [block for root in roots for block in data_parallel_units(root)]
+        apply_activation_checkpointing(blocks, self.activation_checkpointing)
+        if self.compile:
+            apply_compile(blocks)
+
+        dp_mesh = data_parallel_mesh(self.device_mesh, layout)
+        mp_policy = mixed_precision_policy(self.precision_plugin.precision, self.reduce_dtype)
         if split is not None:
             for stage in split.stage_modules:
                 if layout.dp > 1:
-                    apply_data_parallel(stage, self.device_mesh["dp"], self.sharding)
+                    # Parameters stay gathered over a step's micro-batches (torchtitan's choice) unless
+                    # reshard_per_micro_batch asks for the least memory.
+                    apply_data_parallel(stage, dp_mesh, mp_policy, reshard_after_forward=self.reshard_per_micro_batch)
             self._fill(module, split.stage_modules, split.held, empty)
             for stage in split.stage_modules:
                 stage.publish_parameters()
@@ -368,7 +420,7 @@ class HybridParallel(ParallelStrategy):
         runner = None
         if layout.dp > 1:
             runner = StepRunner(module)
-            apply_data_parallel(runner, self.device_mesh["dp"], self.sharding)
+            apply_data_parallel(runner, dp_mesh, mp_policy)
         self._fill(module, [runner or module], None, empty)
         return runner
 
@@ -427,7 +479,8 @@ class HybridParallel(ParallelStrategy):
         except ImportError:
             return
         if self._metric_group is None:
-            mesh = self.device_mesh["pp", "dp"]._flatten("pp_dp") if self.layout.pp > 1 else self.device_mesh["dp"]
+            dims = ("pp", "dp_replicate", "dp_shard")
+            mesh = self.device_mesh[dims]._flatten("pp_dp") if self.layout.pp > 1 else self.device_mesh["dp"]
             self._metric_group = mesh.get_group()
         group = self._metric_group
         for sub in self.lightning_module.modules():
@@ -487,12 +540,14 @@ class HybridParallel(ParallelStrategy):
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
-        """No gradient reduction while Lightning accumulates gradients over micro-steps."""
-        set_gradient_sync(self.model, False)
+        """While Lightning accumulates gradients over micro-steps: replicated gradients are not
+        reduced until the last; sharded ones are reduce-scattered each micro-step (so they stay
+        sharded), and under hybrid sharding all-reduced across replicas only at the last."""
+        set_gradient_sync(self.model, False, keep_sharded=self.layout.dp_shard > 1)
         try:
             yield
         finally:
-            set_gradient_sync(self.model, True)
+            set_gradient_sync(self.model, True, keep_sharded=self.layout.dp_shard > 1)
 
     def on_validation_end(self) -> None:
         # FSDP2 leaves the root's parameters gathered after a forward, expecting a backward;

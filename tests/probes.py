@@ -20,8 +20,9 @@ class GradSyncProbe(pl.Callback):
     def on_after_backward(self, trainer, module):
         self._mode.__exit__(None, None, None)
         counts = self._mode.get_comm_counts()
-        reductions = sum(n for op, n in counts.items() if any(r in str(op) for r in REDUCTIONS))
-        self.record["reductions_per_backward"].append(reductions)
+        reductions = {r: sum(n for op, n in counts.items() if r in str(op)) for r in REDUCTIONS}
+        self.record["reductions_per_backward"].append(sum(reductions.values()))
+        self.record.setdefault("reductions_by_kind", []).append(reductions)
 
 
 class CheckpointEveryTwoSteps(pl.callbacks.ModelCheckpoint):
@@ -154,3 +155,110 @@ class InitRecord(pl.Callback):
         dist.all_gather_object(ranks, (trainer.strategy.device_mesh.get_coordinate(), mine))
         self.record["init_ranks"] = ranks
         self.record["init_full"] = {k: v.float() for k, v in trainer.strategy.full_state_dict().items()}
+
+
+class HostSyncProbe(pl.Callback):
+    """Counts, on every rank, the reads of tensor values on the host (`.item()`, `bool(t)`, ...)
+    and the pickled object collectives our package makes during training steps after the first
+    (the first agrees on what the step logs). Records `host_syncs` per rank:
+    {"file:function:what": count}."""
+
+    READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+    OBJECT_COLLECTIVES = ("broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list")
+
+    def __init__(self):
+        self.record = {}
+        self.counts: dict[str, int] = {}
+        self._saved: list = []
+
+    def _counting(self, owner, name):
+        import sys
+
+        original = getattr(owner, name)
+        counts = self.counts
+
+        def wrapper(*args, **kwargs):
+            code = sys._getframe(1).f_code
+            if "/lightning_parallel/" in code.co_filename and not code.co_filename.endswith("parity.py"):
+                site = f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}:{name}"
+                counts[site] = counts.get(site, 0) + 1
+            return original(*args, **kwargs)
+
+        self._saved.append((owner, name, original))
+        setattr(owner, name, wrapper)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        import torch
+        import torch.distributed as dist
+
+        if trainer.global_step >= 1:
+            for name in self.READS:
+                self._counting(torch.Tensor, name)
+            for name in self.OBJECT_COLLECTIVES:
+                self._counting(dist, name)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved = []
+
+    def on_train_end(self, trainer, module):
+        import torch.distributed as dist
+
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, self.counts)
+        self.record["host_syncs"] = per_rank
+
+
+class CollectiveBytesProbe(pl.Callback):
+    """Bytes this rank hands to each kind of collective during the training steps after the
+    first, and their dtypes: records `collective_bytes` {op: bytes}, `collective_dtypes`
+    {op: [dtype names]} and `collective_bytes_by_dtype` {op: {dtype: bytes}} (rank 0)."""
+
+    OPS = {"all_gather_single": "input_tensor", "all_gather_into_tensor": "input_tensor",
+           "reduce_scatter_single": "input", "reduce_scatter_tensor": "input", "all_reduce": "tensor"}
+
+    def __init__(self):
+        self.record = {"collective_bytes": {}, "collective_dtypes": {}, "collective_bytes_by_dtype": {}}
+        self._saved: list = []
+
+    def _counting(self, name, argument):
+        import inspect
+
+        import torch.distributed as dist
+
+        original = getattr(dist, name)
+        signature = inspect.signature(original)
+        sent, dtypes = self.record["collective_bytes"], self.record["collective_dtypes"]
+        by_dtype = self.record["collective_bytes_by_dtype"]
+
+        def wrapper(*args, **kwargs):
+            tensor = signature.bind(*args, **kwargs).arguments[argument]
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            sent[name] = sent.get(name, 0) + tensor.numel() * tensor.element_size()
+            by_dtype.setdefault(name, {}).setdefault(dtype, 0)
+            by_dtype[name][dtype] += tensor.numel() * tensor.element_size()
+            dtypes.setdefault(name, set()).add(dtype)
+            return original(*args, **kwargs)
+
+        self._saved.append((name, original))
+        setattr(dist, name, wrapper)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step >= 1:
+            for name, argument in self.OPS.items():
+                self._counting(name, argument)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        import torch.distributed as dist
+
+        for name, original in reversed(self._saved):
+            setattr(dist, name, original)
+        self._saved = []
+
+    def on_train_end(self, trainer, module):
+        self.record["collective_dtypes"] = {k: sorted(v) for k, v in self.record["collective_dtypes"].items()}
+        self.record["param_dtypes"] = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+        self.record["optimizer_dtypes"] = sorted({str(v.dtype).removeprefix("torch.") for opt in trainer.optimizers
+                                                  for state in opt.state.values() for v in state.values()
+                                                  if hasattr(v, "dtype") and v.dim() > 0})

@@ -17,7 +17,7 @@ META = torch.device("meta")
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """The devices of the tensors handed to all_reduce and broadcast_object_list."""
+    """The devices of the tensors handed to all_reduce, broadcast and broadcast_object_list."""
     devices = []
 
     def all_reduce(tensor, *args, **kwargs):
@@ -27,6 +27,7 @@ def recorded(monkeypatch):
         devices.append(torch.device(device) if device is not None else None)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "broadcast", all_reduce)
     monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     return devices
@@ -51,9 +52,11 @@ def test_outside_parameters_gradient_average(recorded):
 def test_pipeline_logs_and_results_broadcast(recorded):
     runner = PipelineRunner.__new__(PipelineRunner)
     runner.module, runner.pp_group, runner.last_stage_rank, runner.device = nn.Module(), object(), 0, META
-    runner.has_last, runner._audited = True, set()
-    runner._share_and_log("training_step", 1.0, [], None, None)
-    assert recorded == [META]
+    runner.has_last, runner._audited, runner._log_layouts = True, set(), {}
+    runner._share_training_step(torch.zeros((), device=META), [], None)  # first step: the layout too
+    runner._share_training_step(torch.zeros((), device=META), [], None)  # then the tensor only
+    runner._share_and_log("validation_step", [], None, None)
+    assert recorded == [META, META, META, META]
 
 
 def test_strategy_broadcast(recorded, monkeypatch):
@@ -68,7 +71,8 @@ def test_strategy_broadcast(recorded, monkeypatch):
 
 def test_preemption_vote(recorded):
     requeue = DeferredRequeue.__new__(DeferredRequeue)
-    requeue.signum = 0
+    requeue.signum, requeue._vote = 0, None
+    requeue.at_step_start(META)  # starts the vote; the next step reads it
     with pytest.raises(RuntimeError, match="meta"):  # reading the vote needs a real tensor
         requeue.at_step_start(META)
-    assert recorded == [META]
+    assert recorded == [META, META]

@@ -24,7 +24,12 @@ def trainer(devices=2, **kwargs):
         ({"pipeline_parallel": -2}, r"pipeline_parallel must be >= 1, got -2"),
         ({"tensor_parallel": "2"}, r"tensor_parallel must be a positive int, got '2' \(str\)"),
         ({"data_parallel": 2.0}, r"data_parallel must be a positive int or \"auto\", got 2\.0"),
-        ({"sharding": "zero3"}, r"sharding='zero3' is not one of \('none', 'full'\): use 'none' .* or 'full'"),
+        ({"sharding": "zero3"}, r"sharding='zero3' is not one of \('none', 'full', 'hybrid'\): use 'none' .* or 'full'"),
+        ({"data_parallel_shard": 2}, r"data_parallel_shard=2 applies to sharding='hybrid' only \(sharding='none'\)"),
+        ({"sharding": "hybrid", "data_parallel_shard": 0}, r"data_parallel_shard must be >= 1, got 0"),
+        ({"reduce_dtype": "fp16"}, r"reduce_dtype='fp16' is not one of .*'bfloat16', 'float32'"),
+        ({"activation_checkpointing": True}, r"activation_checkpointing=True is not one of \('none', 'full', 'selective'\)"),
+        ({"compile": "yes"}, r"compile must be True or False, got 'yes' \(str\)"),
         ({"sequence_parallel": "no"}, r"sequence_parallel must be True or False, got 'no' \(str\)"),
         ({"timeout": "600"}, r"timeout must be a number of seconds, got '600' \(str\)"),
         ({"timeout": True}, r"timeout must be a number of seconds, got True \(bool\)"),
@@ -43,6 +48,13 @@ def test_bad_arguments_fail_in_the_constructor(kwargs, message):
 def test_degrees_must_tile_the_world():
     with pytest.raises(LayoutError, match=r"1 x 2 x 1 = 2, but the world size \(devices x num_nodes\) is 3\. Make"):
         trainer(devices=3, strategy=HybridParallel(data_parallel=2))
+
+
+def test_hybrid_shard_degree_must_divide_the_data_parallel_degree():
+    with pytest.raises(LayoutError, match=r"data_parallel_shard=3 does not divide the data-parallel degree 4: hybrid"):
+        Layout.resolve(4, "auto", 1, 1, sharding="hybrid", data_parallel_shard=3)
+    assert Layout.resolve(8, "auto", 1, 1, sharding="hybrid", per_node=4).dp_shard == 4  # auto: a node's processes
+    assert Layout.resolve(16, 8, 2, 1, sharding="hybrid", per_node=8).dp_shard == 4  # tp=2 within the node
 
 
 def test_auto_needs_a_divisible_world():

@@ -37,25 +37,50 @@ def test_dp2_matches_one_process(case, sharding):
         assert par["val_metrics"][name] == pytest.approx(value, rel=1e-5), name
 
 
-@pytest.mark.parametrize("sharding", ["none", "full"])
+def test_hybrid_sharding_matches_one_process():
+    """dp=4 as 2 replicas x 2 shards: each rank holds half the model (its replica's shard)."""
+    case = {**GPT, "batch_size": 16}
+    ref = reference(case)
+    par = run({**case, "devices": 4, "strategy": {"data_parallel": 4, "sharding": "hybrid", "data_parallel_shard": 2}})
+    parity.assert_parity(ref, par)
+    assert "HybridParallel layout pp=1 x dp=4 (2 replicas x 2 shards) x tp=1 on 4 processes" in par["output"]
+    assert "(replica 1, shard 0)" in par["output"]
+    total = ref["elements_held"][0]
+    assert par["elements_held"][0] + par["elements_held"][1] == total, par["elements_held"]
+    assert par["elements_held"][:2] == par["elements_held"][2:], par["elements_held"]  # replicas hold the same
+    assert par["optimizer_elements"] == [2 * h for h in par["elements_held"]]
+
+
+@pytest.mark.parametrize("sharding", ["none", "full", "hybrid"])
 def test_accumulation_and_clipping(sharding):
     accumulate = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.05}
     # SGD, not Adam: Adam's update hardly depends on the gradient's scale, so clipping would barely show.
     sgd = {"optimizer": "sgd", "lr": 0.1}
-    case = {**MLP, "model_kwargs": sgd, "max_steps": 3, "trainer": accumulate, "callbacks": ["tests.probes:GradSyncProbe"]}
+    dp = 4 if sharding == "hybrid" else 2
+    case = {**MLP, "model_kwargs": sgd, "max_steps": 3, "batch_size": 4 * dp, "trainer": accumulate,
+            "callbacks": ["tests.probes:GradSyncProbe"]}
     ref = reference(case)
-    par = run({**case, "devices": 2, "strategy": {"data_parallel": 2, "sharding": sharding}})
+    strategy = {"data_parallel": dp, "sharding": sharding, **({"data_parallel_shard": 2} if sharding == "hybrid" else {})}
+    par = run({**case, "devices": dp, "strategy": strategy})
     parity.assert_parity(ref, par)
 
     # The clip value binds: without clipping the same run trains differently.
     unclipped = reference({**case, "trainer": {"accumulate_grad_batches": 2}})
     assert unclipped["losses"][-1] != pytest.approx(ref["losses"][-1], rel=1e-2)
 
-    # Gradients are reduced on the last micro-step of each accumulation only.
-    reductions = par["reductions_per_backward"]
-    assert len(reductions) == 6
-    assert reductions[0::2] == [0, 0, 0], reductions
-    assert all(n > 0 for n in reductions[1::2]), reductions
+    # Replicated gradients are reduced on the last micro-step of each accumulation only; sharded
+    # ones are reduce-scattered every micro-step (they stay sharded), and all-reduced across
+    # replicas on the last only.
+    kinds = par["reductions_by_kind"]
+    assert len(kinds) == 6
+    first, last = kinds[0::2], kinds[1::2]
+    if sharding == "none":
+        assert all(sum(k.values()) == 0 for k in first), kinds
+    else:
+        assert all(k["reduce_scatter"] > 0 and k["allreduce"] == 0 for k in first), kinds
+    assert all(sum(k.values()) > 0 for k in last), kinds
+    if sharding == "hybrid":
+        assert all(k["allreduce"] > 0 for k in last), kinds
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
@@ -76,3 +101,39 @@ def test_validate_test_predict():
     assert par["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-5)
     # Each data-parallel rank predicts its own samples: rank 0 has every second one.
     assert torch.equal(par["predictions"], ref["predictions"][0::2])
+
+
+BYTES = {**MLP, "max_steps": 3, "model_kwargs": {"optimizer": "adamw", "lr": 1e-3},
+         "callbacks": ["tests.probes:CollectiveBytesProbe"]}
+
+
+def test_bf16_mixed_gathers_in_bf16_and_reduces_in_the_chosen_dtype():
+    """Under bf16-mixed, FSDP2 gathers parameters in bf16 (half the bytes of fp32) and reduces
+    gradients in fp32 by default, in bf16 when asked (half again); fp32 master weights."""
+    def sent(precision, **strategy):
+        par = run({**BYTES, "devices": 2, "trainer": {"precision": precision},
+                   "strategy": {"data_parallel": 2, "sharding": "full", **strategy}})
+        return par, par["collective_bytes"], par["collective_dtypes"]
+
+    _, fp32, _ = sent("32-true")
+    par, mixed, mixed_dtypes = sent("bf16-mixed")
+    _, compressed, compressed_dtypes = sent("bf16-mixed", reduce_dtype="bfloat16")
+    assert mixed["all_gather_single"] * 2 == fp32["all_gather_single"], (mixed, fp32)
+    assert mixed["reduce_scatter_single"] == fp32["reduce_scatter_single"], (mixed, fp32)
+    assert mixed_dtypes["all_gather_single"] == ["bfloat16"] and mixed_dtypes["reduce_scatter_single"] == ["float32"]
+    assert compressed["reduce_scatter_single"] * 2 == fp32["reduce_scatter_single"], (compressed, fp32)
+    assert compressed_dtypes["reduce_scatter_single"] == ["bfloat16"]
+    # The master weights and the optimizer's state stay fp32; bf16 tolerances against one process.
+    assert par["param_dtypes"] == ["float32"] and par["optimizer_dtypes"] in ([], ["float32"]), par
+    parity.assert_parity(reference({**BYTES, "trainer": {"precision": "bf16-mixed"}}), par, loss_rtol=2e-2, param_atol=2e-2)
+
+
+def test_replicated_gradients_reduced_in_bf16_when_asked():
+    def sent(**strategy):
+        par = run({**BYTES, "devices": 2, "trainer": {"precision": "bf16-mixed"},
+                   "strategy": {"data_parallel": 2, "sharding": "none", **strategy}})
+        return par["collective_bytes_by_dtype"]["all_reduce"]
+
+    # (Lightning all-reduces a few fp32 scalars of its own besides the gradients.)
+    fp32, bf16 = sent(), sent(reduce_dtype="bfloat16")
+    assert bf16["bfloat16"] * 2 == fp32["float32"] - bf16["float32"], (fp32, bf16)

@@ -23,13 +23,26 @@ def assert_each_rank_holds_its_stages_only(ref, par):
     assert par["optimizer_elements"] == [2 * h for h in held], (par["optimizer_elements"], held)
 
 
+def assert_no_host_sync_after_the_first_step(par, last_stage_rank):
+    """No pickled collective, and no read of a device tensor on the host, in a training step
+    after the first, except one: the other stages read whether the logged names changed."""
+    steps = par_steps = len(par["losses"]) - 1
+    for rank, sites in enumerate(par["host_syncs"]):
+        # The last stage's loss_fn reads its micro-batch index from a host tensor (no device sync).
+        sites = {site: n for site, n in sites.items() if site != "runner.py:loss_fn:__int__"}
+        expected = {} if rank == last_stage_rank else {"runner.py:_share_training_step:__bool__": par_steps}
+        assert sites == expected, (rank, par["host_syncs"], steps)
+
+
 # Every schedule runs on modules as users write them in test_pipeline_modules.py; the example
 # GPT keeps the simplest and the most involved one.
 @pytest.mark.parametrize("schedule", ["1f1b", "dualpipev"])
 def test_example_gpt_pp2(schedule):
     ref = reference(GPT)
-    par = run({**GPT, "devices": 2, "strategy": {"pipeline_parallel": 2, "schedule": schedule, "micro_batches": 4}})
+    strategy = {"pipeline_parallel": 2, "schedule": schedule, "micro_batches": 4}
+    par = run({**GPT, "devices": 2, "strategy": strategy, "callbacks": ["tests.probes:HostSyncProbe"]})
     parity.assert_parity(ref, par)
+    assert_no_host_sync_after_the_first_step(par, last_stage_rank=1 if schedule == "1f1b" else 0)
     assert_each_rank_holds_its_stages_only(ref, par)
     stages = 4 if SCHEDULES[schedule].stages_per_rank == 2 else 2
     assert f"Pipeline split (balanced by counted cost), {stages} stages:" in par["output"]

@@ -41,11 +41,22 @@ def test_tensor_groups_across_nodes(degrees, nodes, expected):
 
 
 def test_describe_ranks_names_host_and_node():
-    ranks = [("localhost", 0, [0, 0, 0]), ("localhost", 1, [1, 0, 0])]
+    ranks = [("localhost", 0, [0, 0, 0, 0]), ("localhost", 1, [1, 0, 0, 0])]
     assert describe_ranks(Layout(pp=2, dp=1, tp=1), ranks).splitlines() == [
         "HybridParallel layout pp=2 x dp=1 x tp=1 on 2 processes",
         "  rank   0 on localhost (node 0): pp=0 dp=0 tp=0",
         "  rank   1 on localhost (node 1): pp=1 dp=0 tp=0",
+    ]
+
+
+def test_describe_ranks_shows_replicas_and_shards_under_hybrid_sharding():
+    ranks = [("a", 0, [0, 0, 0, 0]), ("a", 0, [0, 0, 1, 0]), ("b", 1, [0, 1, 0, 0]), ("b", 1, [0, 1, 1, 0])]
+    assert describe_ranks(Layout(pp=1, dp=4, tp=1, dp_shard=2), ranks).splitlines() == [
+        "HybridParallel layout pp=1 x dp=4 (2 replicas x 2 shards) x tp=1 on 4 processes",
+        "  rank   0 on a (node 0): pp=0 dp=0 tp=0 (replica 0, shard 0)",
+        "  rank   1 on a (node 0): pp=0 dp=1 tp=0 (replica 0, shard 1)",
+        "  rank   2 on b (node 1): pp=0 dp=2 tp=0 (replica 1, shard 0)",
+        "  rank   3 on b (node 1): pp=0 dp=3 tp=0 (replica 1, shard 1)",
     ]
 
 

@@ -65,7 +65,7 @@ class OpCost(TorchDispatchMode):
         return out
 
     def _price(self, func, args, kwargs, out) -> float:
-        formula = _FLOP_FORMULAS.get(func._overloadpacket)
+        formula = _FLOP_FORMULAS.get(func.overloadpacket)
         flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
         tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)

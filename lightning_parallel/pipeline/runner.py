@@ -9,6 +9,9 @@
   step over the whole batch would have logged it, sent to every stage, and logged there, so
   every rank's (and rank 0's) callback_metrics, progress bar and loggers see it. The training
   loss and the evaluation steps' return values (predictions, say) reach every stage too.
+- A training step's loss and logged values travel as one tensor on the device: no `.item()`
+  and no pickled collective, except when the names the step logs change (its first step, say);
+  the other stages read one number of that tensor to learn whether they did.
 """
 
 from __future__ import annotations
@@ -130,10 +133,11 @@ def collecting_logs(module, records: list):
         del module.log
 
 
-def combine_logs(records: list, module) -> list[tuple[str, object, tuple, dict]]:
-    """One entry per name: the micro-batches' values combined with the name's reduce_fx.
-    A torchmetrics Metric travels as its attribute name: every stage logs its own copy, whose
-    sync group spans the stages (the other stages' copies hold empty states)."""
+def combine_logs(records: list, module, device) -> list[tuple[str, object, tuple, dict]]:
+    """One entry per name: the micro-batches' values combined with the name's reduce_fx, as a
+    0-d float tensor on `device`. A torchmetrics Metric travels as ("metric", its attribute
+    name): every stage logs its own copy, whose sync group spans the stages (the other stages'
+    copies hold empty states)."""
     from torchmetrics import Metric
 
     by_name: dict[str, list] = {}
@@ -151,11 +155,17 @@ def combine_logs(records: list, module) -> list[tuple[str, object, tuple, dict]]
             continue
         reduce_fx = kwargs.get("reduce_fx", "mean")
         reduce = REDUCERS.get(reduce_fx, reduce_fx) if isinstance(reduce_fx, str) else reduce_fx
-        values = torch.stack([torch.as_tensor(v).detach().float().cpu() for v, _, _ in calls])
+        values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(()) for v, _, _ in calls])
         if "batch_size" in kwargs:
             kwargs["batch_size"] = sum(c[2].get("batch_size", 0) for c in calls)
-        combined.append((name, float(reduce(values)), args, kwargs))
+        combined.append((name, reduce(values).reshape(()), args, kwargs))
     return combined
+
+
+def log_layout(combined: list) -> tuple:
+    """What a step logs apart from the values: names, arguments, metrics."""
+    return tuple((name, value if isinstance(value, tuple) else None, args, tuple(sorted(kwargs.items())))
+                 for name, value, args, kwargs in combined)
 
 
 def split_batch(batch, micro_batches: int) -> list:
@@ -234,6 +244,7 @@ class PipelineRunner:
         self._audited: set[str] = set()
         self._loss_fn = None
         self._set_aside: list = []
+        self._log_layouts: dict[str, tuple] = {}  # per step name: what it logged last, as all stages know it
 
     def _call_loss_fn(self, output, index):
         return self._loss_fn(output, index)
@@ -294,17 +305,69 @@ class PipelineRunner:
             return loss
 
         self._loss_fn = loss_fn
-        target = torch.arange(self.micro_batches, device=self.device) if self.has_last else None
-        self._schedule("train", batch).step(*args, target=target, return_outputs=False, **kwargs)
+        self._schedule("train", batch).step(*args, target=self._micro_batch_indices(), return_outputs=False, **kwargs)
         self._add_outside_gradients(outside_grads.values())
         self._average_outside_gradients()
         self._set_aside = [(p, p.grad) for p in self.parameters]
         for p in self.parameters:
             p.grad = None
-        loss = torch.stack(list(losses.values())).mean().item() if self.has_last else None
+        loss = torch.stack([losses[i] for i in sorted(losses)]).mean() if self.has_last else None
         logs = [record for index in sorted(records) for record in records[index]]
-        loss, _ = self._share_and_log("training_step", loss, logs, None, audit)
-        return torch.tensor(loss, device=self.device)
+        return self._share_training_step(loss, logs, audit)
+
+    def _micro_batch_indices(self):
+        """The schedule hands the last stage's loss_fn one of these per micro-batch: on the host,
+        so that reading it costs no device sync."""
+        return torch.arange(self.micro_batches) if self.has_last else None
+
+    def _share_training_step(self, loss, records, audit):
+        """Sends the last stage's loss and logged values to every stage as one device tensor, with
+        the log layout (names, arguments) pickled only when it changed; logs on every stage."""
+        layout, values = (), []
+        if self.has_last:
+            combined = combine_logs(records, self.module, self.device)
+            layout = log_layout(combined)
+            values = [value for _, value, _, _ in combined if not isinstance(value, tuple)]
+        known = self._log_layouts.get("training_step")
+        # The other stages learn from the last whether the layout changed (on the first step it has).
+        changed = (audit is not None or layout != known) if self.has_last else known is None
+        # Sized by the layout every stage knows: [changed, loss, the values it lists].
+        payload = torch.zeros(2 + sum(1 for entry in known or () if entry[1] is None), device=self.device)
+        if self.has_last:
+            payload[0] = float(changed)
+            payload[1] = loss
+            if not changed and values:
+                payload[2:] = torch.stack(values)
+        dist.broadcast(payload, group=self.pp_group, group_src=self.last_stage_rank)
+        if not self.has_last and bool(payload[0]):  # the one read: did the layout change?
+            changed = True
+        if changed:
+            misused = sorted(audit.used) if audit is not None else []
+            shared = [(layout, misused, [v.item() for v in values])]
+            dist.broadcast_object_list(shared, group=self.pp_group, group_src=self.last_stage_rank, device=self.device)
+            layout, misused, plain_values = shared[0]
+            self._audited.add("training_step")
+            self._refuse_misuse("training_step", misused)
+            self._log_layouts["training_step"] = layout
+            values = [torch.tensor(v, device=self.device) for v in plain_values] if not self.has_last else values
+        elif not self.has_last:
+            layout, values = known, list(payload[2:])
+        self._log(layout, values)
+        return payload[1] if not self.has_last else loss
+
+    def _log(self, layout: tuple, values: list) -> None:
+        values = iter(values)
+        for name, metric, args, kwargs in layout:
+            self._log_one(name, metric if metric is not None else next(values), args, dict(kwargs))
+
+    def _log_one(self, name, value, args, kwargs) -> None:
+        if isinstance(value, tuple):  # ("metric", attribute)
+            value = self.module.get_submodule(value[1])
+            if not self.has_last:
+                # Updated on the last stage, whose states this copy receives when it syncs;
+                # counting the update keeps torchmetrics from warning that it never ran.
+                value._update_count += 1
+        self.module.log(name, value, *args, **kwargs)
 
     def _outside_gradients(self, loss, stand_ins: dict) -> tuple:
         """The gradients of the parameters outside the forward from one micro-batch's loss, taken
@@ -347,40 +410,38 @@ class PipelineRunner:
         args, kwargs = self._model_inputs(step_name, batch, batch_idx, *rest)
         # The schedule asks the last stage for a loss even when it runs forward only.
         self._loss_fn = lambda output, index: output.new_zeros(()) if isinstance(output, torch.Tensor) else torch.zeros(())
-        target = torch.arange(self.micro_batches, device=self.device) if self.has_last else None
         with torch.inference_mode(False), torch.no_grad():
-            output = self._schedule("eval", batch).eval(*args, target=target, **kwargs)
+            output = self._schedule("eval", batch).eval(*args, target=self._micro_batch_indices(), **kwargs)
         records, result = [], None
         audit = self._audit(step_name)
         if self.has_last:
             output = self.model_output(output)
             with collecting_logs(self.module, records), output_standing_in(self.entry, output), audit or nullcontext():
                 result = getattr(self.module, step_name)(batch, batch_idx, *rest)
-        _, result = self._share_and_log(step_name, None, records, result, audit)
+        return self._share_and_log(step_name, records, result, audit)
+
+    def _share_and_log(self, step_name, records, result, audit):
+        """Sends the last stage's logs and step result (any object: predictions, say) to every
+        stage; logs there. Evaluation only: it pickles what it sends."""
+        misused = sorted(audit.used) if audit is not None else []
+        combined = [(n, v if isinstance(v, tuple) else v.item(), a, k)
+                    for n, v, a, k in combine_logs(records, self.module, self.device)]
+        payload = [(combined, result, misused)]
+        dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank, device=self.device)
+        logs, result, misused = payload[0]
+        self._audited.add(step_name)
+        self._refuse_misuse(step_name, misused)
+        for name, value, args, kwargs in logs:
+            if not isinstance(value, tuple):
+                value = torch.tensor(value, device=self.device)
+            self._log_one(name, value, args, kwargs)
         return result
 
-    def _share_and_log(self, step_name, loss, records, result, audit):
-        """Sends the last stage's loss, logs and step result to every stage; logs there. Refuses
-        the run on every stage alike if the step used the forward's parameters itself."""
-        misused = sorted(audit.used) if audit is not None else []
-        payload = [(loss, combine_logs(records, self.module), result, misused)]
-        dist.broadcast_object_list(payload, group=self.pp_group, group_src=self.last_stage_rank, device=self.device)
-        loss, logs, result, misused = payload[0]
-        self._audited.add(step_name)
+    def _refuse_misuse(self, step_name: str, misused: list) -> None:
+        """Refuses the run on every stage alike if the step used the forward's parameters itself."""
         if misused:
             raise LayoutError(
                 f"{type(self.module).__name__}.{step_name} uses the parameter(s) {misused} itself, outside the "
                 "forward, which uses them too. Under pipeline_parallel these live on one stage (sharded under data "
                 "parallelism) while the step runs on the last: use them only in the forward, or only in the step."
             )
-        for name, value, args, kwargs in logs:
-            if isinstance(value, tuple):  # ("metric", attribute)
-                value = self.module.get_submodule(value[1])
-                if not self.has_last:
-                    # Updated on the last stage, whose states this copy receives when it syncs;
-                    # counting the update keeps torchmetrics from warning that it never ran.
-                    value._update_count += 1
-            else:
-                value = torch.tensor(value, device=self.device)
-            self.module.log(name, value, *args, **kwargs)
-        return loss, result
