@@ -46,6 +46,9 @@ BATCH, SEQ_LEN, VOCAB = 8, 32, 8192
 LAYOUTS = {
     "one": (None, 1),
     "dp2_full": (dict(data_parallel=2, sharding="full"), 2),
+    "dp4_full": (dict(data_parallel=4, sharding="full"), 4),
+    # HSDP: 2 replicas of 2 shards each.
+    "dp4_hybrid": (dict(data_parallel=4, sharding="hybrid", data_parallel_shard=2), 4),
     "tp2": (dict(tensor_parallel=2, data_parallel=1), 2),
     "pp2": (dict(pipeline_parallel=2, data_parallel=1), 2),
     "pp2_tp2": (dict(pipeline_parallel=2, tensor_parallel=2, data_parallel=1), 4),
