@@ -35,7 +35,11 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.optim import Optimizer
 
 from lightning_parallel import checkpoint, export, materialize, weights
-from lightning_parallel.activation_checkpointing import AC_CHOICES, apply_activation_checkpointing
+from lightning_parallel.activation_checkpointing import (
+    AC_CHOICES,
+    apply_activation_checkpointing,
+    check_activation_checkpointing,
+)
 from lightning_parallel.compiling import apply_compile, check_compile
 from lightning_parallel.preemption import defer_slurm_requeue
 from lightning_parallel.data_parallel import (
@@ -168,6 +172,7 @@ class HybridParallel(ParallelStrategy):
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
         check_compile(compile, self._schedule_spec if pipeline_parallel > 1 else None)
+        check_activation_checkpointing(activation_checkpointing, self._schedule_spec if pipeline_parallel > 1 else None)
         if reshard_per_micro_batch and pipeline_parallel == 1:
             raise LayoutError("reshard_per_micro_batch applies to pipeline stages: set pipeline_parallel > 1, or leave it False.")
         if reshard_per_micro_batch and self._schedule_spec.split_backward:
