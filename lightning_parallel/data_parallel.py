@@ -3,7 +3,10 @@
 Every sharding mode is FSDP2's `fully_shard` (public API), so tensor parallelism (DTensor
 parameters), gradient accumulation, mixed precision and clipping work the same way in each:
 - "none": the (dp_replicate=dp, dp_shard=1) mesh: FSDP2's HSDP with shards of one rank, i.e.
-  DDP (parameters replicated, gradients all-reduced).
+  DDP (parameters replicated, gradients all-reduced). Without tensor or pipeline parallelism,
+  torch's DistributedDataParallel instead: its bucketed all-reduces overlap the backward and its
+  parameters are plain tensors (FSDP2 reduces each block on its own, and where the backend
+  cannot overlap that, as gloo on CPU, the backward waits for each: ~10% of a step measured).
 - "full": the dp_shard mesh: parameters, gradients and optimizer state sharded over dp.
 - "hybrid": the (dp_replicate, dp_shard) mesh: sharded within a replica (a node), gradients
   reduce-scattered there and all-reduced across replicas (HSDP).
@@ -17,7 +20,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.tensor import DTensor
 
 from lightning_parallel.layout import Layout
@@ -71,6 +76,31 @@ def apply_data_parallel(root: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPr
         fully_shard(unit, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     # The root's own parameters stay gathered after its forward unless told otherwise (FSDP2's default).
     fully_shard(root, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=None if reshard_after_forward else False)
+
+
+def replicate_with_ddp(runner: nn.Module, dp_group, device: torch.device, reduce_dtype: str | None) -> DistributedDataParallel:
+    """torch's DDP around the step runner. Gradients are reduced through a Python comm hook (in
+    bf16 when `reduce_dtype` says so), which also lets torch's debug tools see the reductions.
+    Buffers are not broadcast every step: FSDP2 does not either, and they start equal."""
+    ddp = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None,
+                                  process_group=dp_group, broadcast_buffers=False)
+    hook = _allreduce_in_bf16 if reduce_dtype == "bfloat16" else default_hooks.allreduce_hook
+    ddp.register_comm_hook(dp_group, hook)
+    return ddp
+
+
+def _allreduce_in_bf16(group, bucket):
+    """A DDP comm hook averaging a gradient bucket in bf16 (torch's bf16_compress_hook refuses
+    backends other than NCCL and XCCL)."""
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16).div_(group.size())
+    reduced = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(future):
+        buffer.copy_(future.value()[0])
+        return buffer
+
+    return reduced.then(decompress)
 
 
 def mixed_precision_policy(precision: str, reduce_dtype: str | None) -> MixedPrecisionPolicy:

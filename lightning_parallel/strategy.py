@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_parallel import checkpoint, export, materialize, weights
@@ -50,6 +51,7 @@ from lightning_parallel.data_parallel import (
     data_parallel_units,
     is_parallelized,
     mixed_precision_policy,
+    replicate_with_ddp,
     reshard,
     set_gradient_sync,
 )
@@ -209,7 +211,7 @@ class HybridParallel(ParallelStrategy):
         self.num_nodes = 1
         self._layout: Optional[Layout] = None
         self._device_mesh: Optional[DeviceMesh] = None
-        self._runner: Optional[StepRunner] = None
+        self._runner: Optional[torch.nn.Module] = None  # the module every step enters through
         self._pipeline: Optional[PipelineRunner] = None
         self._parallelized_module = None
         self._metric_group = None
@@ -366,7 +368,7 @@ class HybridParallel(ParallelStrategy):
         assert self.lightning_module is not None
         self.lightning_module.to(self.root_device)
 
-    def _parallelize(self, module, trainer) -> Optional[StepRunner]:
+    def _parallelize(self, module, trainer) -> Optional[torch.nn.Module]:
         """Applies each form of parallelism in a fixed order: pipeline split, tensor, data; then,
         for a model built empty, allocates and initializes this rank's share (and reads
         `init_from`). Returns the module every step enters through when data parallelism needs
@@ -422,9 +424,11 @@ class HybridParallel(ParallelStrategy):
                                             self.device_mesh["pp"].get_group(), self.device_mesh["dp"].get_group(),
                                             self.root_device, self.reshard_per_micro_batch)
             return None
-        runner = None
-        if layout.dp > 1:
-            runner = StepRunner(module)
+        runner = StepRunner(module) if layout.dp > 1 else None
+        if runner is not None and layout.dp_shard == 1 and layout.tp == 1:
+            self._fill(module, [runner], None, empty)  # DDP wants values: it broadcasts rank 0's
+            return replicate_with_ddp(runner, self.device_mesh["dp"].get_group(), self.root_device, self.reduce_dtype)
+        if runner is not None:
             apply_data_parallel(runner, dp_mesh, mp_policy)
         self._fill(module, [runner or module], None, empty)
         return runner
@@ -548,6 +552,10 @@ class HybridParallel(ParallelStrategy):
         """While Lightning accumulates gradients over micro-steps: replicated gradients are not
         reduced until the last; sharded ones are reduce-scattered each micro-step (so they stay
         sharded), and under hybrid sharding all-reduced across replicas only at the last."""
+        if isinstance(self.model, DistributedDataParallel):
+            with self.model.no_sync():
+                yield
+            return
         set_gradient_sync(self.model, False, keep_sharded=self.layout.dp_shard > 1)
         try:
             yield
