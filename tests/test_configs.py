@@ -85,12 +85,12 @@ def test_group_choice_and_dotted_overrides():
     strategy = trainer.strategy
     assert isinstance(strategy, HybridParallel)
     assert (strategy.tensor_parallel, strategy.pipeline_parallel, strategy.sharding) == (2, 1, "full")
-    assert strategy.layout == Layout(pp=1, dp=2, tp=2)
+    assert strategy.layout == Layout(pp=1, dp=2, tp=2, dp_shard=2)
 
 
 @pytest.mark.parametrize(
     "option, layout",
-    [("dp", Layout(pp=1, dp=4, tp=1)), ("tp", Layout(pp=1, dp=2, tp=2)),
+    [("dp", Layout(pp=1, dp=4, tp=1, dp_shard=4)), ("tp", Layout(pp=1, dp=2, tp=2)),
      ("pp", Layout(pp=2, dp=2, tp=1)), ("3d", Layout(pp=2, dp=1, tp=2))],
 )
 def test_every_strategy_file_builds(option, layout):
@@ -109,7 +109,7 @@ def test_every_strategy_file_builds(option, layout):
         (["strategy.pipeline_parallel=-2"], r"^In strategy \(lightning_parallel\.HybridParallel\): pipeline_parallel must be "
          r">= 1, got -2\. Use 1"),
         (["strategy.schedule=fastest"], r"schedule='fastest': unknown pipeline schedule; choose one of gpipe, 1f1b, "),
-        (["strategy.sharding=zero3"], r"sharding='zero3' is not one of \('none', 'full'\)"),
+        (["strategy.sharding=zero3"], r"sharding='zero3' is not one of \('none', 'full', 'hybrid'\)"),
         (["strategy.tensor_paralel=2"], r"^strategy\.tensor_paralel=2: the config has no key strategy\.tensor_paralel \(did "
          r"you mean strategy\.tensor_parallel\?\)\. Keys under strategy: _target_, data_parallel, .* To add a new key, "
          r"write \+strategy\.tensor_paralel=2\.$"),
