@@ -49,7 +49,8 @@ def test_a_model_no_rank_can_hold_trains_with_each_rank_allocating_its_share(mod
 
 
 def _ranks(record):
-    return [(dict(zip(("pp", "dp", "tp"), coordinate)), tensors) for coordinate, tensors in record["init_ranks"]]
+    # Coordinates on the (pp, dp_replicate, dp_shard, tp) mesh; a dp rank is its (replica, shard).
+    return [(dict(pp=pp, dp=(replica, shard), tp=tp), tensors) for (pp, replica, shard, tp), tensors in record["init_ranks"]]
 
 
 @pytest.fixture(scope="module")

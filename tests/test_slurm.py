@@ -171,10 +171,12 @@ def test_preempted_job_saves_requeues_and_resumes(slurm_env, tmp_path):
     output = (tmp_path / "job.out").read_text()
     print(output)
     assert state == "COMPLETED", output[-4000:]
-    assert re.findall(r"started at step (\d+)", output) == ["0", "5"], output[-4000:]
+    # Signalled after step 5: the vote starts at the next step and is read at the one after
+    # (never waiting for a step's work), so the save holds 6 steps.
+    assert re.findall(r"started at step (\d+)", output) == ["0", "6"], output[-4000:]
     assert "Requeued SLURM job" in output
     assert f"Restored all states from the checkpoint at {tmp_path / 'hpc_ckpt_1.ckpt'}" in output
-    assert "finished at step 30" in output.split("started at step 5", 1)[1], output[-4000:]
+    assert "finished at step 30" in output.split("started at step 6", 1)[1], output[-4000:]
     assert (tmp_path / "hpc_ckpt_1.ckpt" / "meta.pt").is_file()
 
 
