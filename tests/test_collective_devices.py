@@ -52,7 +52,7 @@ def test_outside_parameters_gradient_average(recorded):
 def test_pipeline_logs_and_results_broadcast(recorded):
     runner = PipelineRunner.__new__(PipelineRunner)
     runner.module, runner.pp_group, runner.last_stage_rank, runner.device = nn.Module(), object(), 0, META
-    runner.has_last, runner._audited, runner._log_layouts = True, set(), {}
+    runner.has_last, runner._audited, runner._train_log_layout = True, set(), None
     runner._share_training_step(torch.zeros((), device=META), [], None)  # first step: the layout too
     runner._share_training_step(torch.zeros((), device=META), [], None)  # then the tensor only
     runner._share_and_log("validation_step", [], None, None)

@@ -244,7 +244,7 @@ class PipelineRunner:
         self._audited: set[str] = set()
         self._loss_fn = None
         self._set_aside: list = []
-        self._log_layouts: dict[str, tuple] = {}  # per step name: what it logged last, as all stages know it
+        self._train_log_layout = None  # what training_step logged last, as every stage knows it
 
     def _call_loss_fn(self, output, index):
         return self._loss_fn(output, index)
@@ -328,7 +328,7 @@ class PipelineRunner:
             combined = combine_logs(records, self.module, self.device)
             layout = log_layout(combined)
             values = [value for _, value, _, _ in combined if not isinstance(value, tuple)]
-        known = self._log_layouts.get("training_step")
+        known = self._train_log_layout
         # The other stages learn from the last whether the layout changed (on the first step it has).
         changed = (audit is not None or layout != known) if self.has_last else known is None
         # Sized by the layout every stage knows: [changed, loss, the values it lists].
@@ -348,7 +348,7 @@ class PipelineRunner:
             layout, misused, plain_values = shared[0]
             self._audited.add("training_step")
             self._refuse_misuse("training_step", misused)
-            self._log_layouts["training_step"] = layout
+            self._train_log_layout = layout
             values = [torch.tensor(v, device=self.device) for v in plain_values] if not self.has_last else values
         elif not self.has_last:
             layout, values = known, list(payload[2:])
