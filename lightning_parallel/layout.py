@@ -56,16 +56,21 @@ def check_sharding(sharding: str) -> None:
         )
 
 
+def check_shard_degree(sharding: str, data_parallel_shard: Degree) -> None:
+    check_degree("data_parallel_shard", data_parallel_shard, allow_auto=True)
+    if data_parallel_shard != "auto" and sharding != "hybrid":
+        raise LayoutError(
+            f"data_parallel_shard={data_parallel_shard!r} applies to sharding='hybrid' only (sharding={sharding!r}): "
+            "set sharding='hybrid', or leave data_parallel_shard unset."
+        )
+
+
 def resolve_shard_degree(sharding: str, dp: int, data_parallel_shard: Degree, per_node: int) -> int:
     """How many data-parallel ranks shard parameters among themselves: 1 when replicating, all
     of them under full sharding, `data_parallel_shard` under hybrid sharding (by default the
     data-parallel ranks of a node, `per_node`, as far as they divide dp)."""
+    check_shard_degree(sharding, data_parallel_shard)
     if sharding != "hybrid":
-        if data_parallel_shard != "auto":
-            raise LayoutError(
-                f"data_parallel_shard={data_parallel_shard!r} applies to sharding='hybrid' only (sharding={sharding!r}): "
-                "set sharding='hybrid', or leave data_parallel_shard unset."
-            )
         return dp if sharding == "full" else 1
     if data_parallel_shard == "auto":
         return math.gcd(dp, max(1, per_node))
@@ -97,7 +102,6 @@ class Layout:
         check_degree("data_parallel", data_parallel, allow_auto=True)
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
-        check_degree("data_parallel_shard", data_parallel_shard, allow_auto=True)
         check_sharding(sharding)
         model_parallel = tensor_parallel * pipeline_parallel
         if data_parallel == "auto":

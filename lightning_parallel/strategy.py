@@ -65,6 +65,7 @@ from lightning_parallel.layout import (
     LayoutError,
     check_backend,
     check_degree,
+    check_shard_degree,
     check_sharding,
     check_type,
     default_backend,
@@ -153,10 +154,7 @@ class HybridParallel(ParallelStrategy):
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
         check_sharding(sharding)
-        check_degree("data_parallel_shard", data_parallel_shard, allow_auto=True)
-        if data_parallel_shard != "auto" and sharding != "hybrid":
-            raise LayoutError(f"data_parallel_shard={data_parallel_shard!r} applies to sharding='hybrid' only "
-                              f"(sharding={sharding!r}): set sharding='hybrid', or leave data_parallel_shard unset.")
+        check_shard_degree(sharding, data_parallel_shard)
         if reduce_dtype not in REDUCE_DTYPES:
             raise LayoutError(f"reduce_dtype={reduce_dtype!r} is not one of {sorted(REDUCE_DTYPES, key=str)}: "
                               "'float32' reduces gradients in full precision, 'bfloat16' in half (half the traffic).")
