@@ -9,7 +9,8 @@ import importlib.util
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 CORPUS_MODULES = sorted(
     ["argparse", "bisect", "difflib", "fractions", "heapq", "shlex", "string", "textwrap"]
@@ -75,7 +76,9 @@ class ByteDataModule(pl.LightningDataModule):
             self.val_ds = _truncate(self.val_ds, hp.max_val_samples)
 
     def _loader(self, ds, train):
-        return DataLoader(
+        # A DataLoader that saves its position: a run resumed from a mid-epoch checkpoint (a
+        # requeued SLURM job's) goes on with the next batch instead of the epoch's first.
+        return StatefulDataLoader(
             ds,
             batch_size=self.hparams.batch_size,
             shuffle=train,

@@ -5,7 +5,8 @@ shards it holds of the model and optimizer state, keyed by the model's original 
 (the optimizer state flattened per parameter), plus `meta.pt` from rank 0 with the rest of
 Lightning's checkpoint (loops, callbacks, hyperparameters). Any layout can read it: DCP reads
 into whatever shards the reading ranks hold. It is written under a temporary name and renamed
-once every rank has finished, so a checkpoint is complete or absent.
+once every rank has finished, so a checkpoint is complete or absent; `Saver` can write it in the
+background while training goes on.
 """
 
 from __future__ import annotations
@@ -75,27 +76,98 @@ def check_complete(path) -> None:
         )
 
 
-def save_sharded(checkpoint: dict[str, Any], path, is_rank_zero: bool) -> None:
-    """Collective. `checkpoint` is Lightning's dict with sharded "state_dict" and
-    "optimizer_states" (as the strategy returns them)."""
-    path = Path(path)
-    partial = path.with_name(path.name + PARTIAL)
-    if is_rank_zero and partial.exists():
-        shutil.rmtree(partial)  # left by a save that died
-    dist.barrier()
-    tensors = {"state_dict": checkpoint.pop("state_dict"),
-               "optimizer_states": _by_index(checkpoint.pop("optimizer_states", []))}
-    dcp.save(tensors, checkpoint_id=partial)
-    if is_rank_zero:
-        torch.save(checkpoint, partial / META_FILE)
-    dist.barrier()  # every rank's shards are on disk
-    if is_rank_zero:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        partial.rename(path)
-    dist.barrier()
+class Saver:
+    """Writes checkpoints, each a complete directory or none (see the module's docstring).
+
+    In the background (`background=True`), `dcp.async_save` copies this rank's shards to CPU
+    memory, then writes them on a thread while training goes on, over a process group of its own
+    so that its collectives never meet the training's. At most one save is in flight. Rank 0
+    moves it into place once its own write has finished, which DCP ends only after every rank's
+    (it writes `.metadata` last, from every rank's results). Until then, removals of older
+    checkpoints wait: a run that dies mid-write keeps the checkpoint the new one was to replace.
+    """
+
+    def __init__(self, timeout) -> None:
+        self.timeout = timeout
+        self._group = None  # for background writes
+        self._in_flight = None  # (future, partial directory, final path)
+        self._removals: list[Path] = []
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def save(self, checkpoint: dict[str, Any], path, is_rank_zero: bool, background: bool = False) -> None:
+        """Collective. `checkpoint` is Lightning's dict with sharded "state_dict" and
+        "optimizer_states" (as the strategy returns them)."""
+        self.wait(is_rank_zero)
+        path = Path(path)
+        partial = path.with_name(path.name + PARTIAL)
+        if is_rank_zero:
+            _remove(partial)  # left by a save that died
+        dist.barrier()
+        tensors = {"state_dict": checkpoint.pop("state_dict"),
+                   "optimizer_states": _by_index(checkpoint.pop("optimizer_states", []))}
+        if is_rank_zero:
+            partial.mkdir(parents=True, exist_ok=True)  # the other ranks may have made it already
+            torch.save(checkpoint, partial / META_FILE)
+        if background:
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo", timeout=self.timeout)
+            future = dcp.async_save(tensors, checkpoint_id=partial, process_group=self._group)
+            self._in_flight = (future, partial, path)
+            return
+        dcp.save(tensors, checkpoint_id=partial)
+        dist.barrier()  # every rank's shards are on disk
+        if is_rank_zero:
+            _move_into_place(partial, path)
+        dist.barrier()
+
+    def poll(self, is_rank_zero: bool) -> None:
+        """Finishes the save in flight if its write is done; never waits."""
+        if self._in_flight is not None and self._in_flight[0].done():
+            self._finish(is_rank_zero)
+
+    def wait(self, is_rank_zero: bool) -> None:
+        """Waits for the save in flight, if any, and moves it into place."""
+        if self._in_flight is not None:
+            self._finish(is_rank_zero)
+
+    def remove(self, path, is_rank_zero: bool) -> None:
+        if self._in_flight is not None:
+            self._removals.append(Path(path))
+        elif is_rank_zero:
+            _remove(Path(path))
+
+    def _finish(self, is_rank_zero: bool) -> None:
+        (future, partial, path), self._in_flight = self._in_flight, None
+        removals, self._removals = self._removals, []
+        try:
+            future.result()
+        except Exception as error:
+            raise RuntimeError(f"Writing checkpoint {path} in the background failed; {partial} is left incomplete.") from error
+        if is_rank_zero:
+            _move_into_place(partial, path)
+            for old in removals:
+                _remove(old)
+
+
+def _move_into_place(partial: Path, path: Path) -> None:
+    """Renames a finished save to `path`; a checkpoint there is renamed away first, so that the
+    name always holds one complete checkpoint, the old or the new."""
+    replaced = path.with_name(path.name + ".replaced")
+    _remove(replaced)
+    if path.exists() or path.is_symlink():
+        path.rename(replaced)
+    partial.rename(path)
+    _remove(replaced)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def load_sharded(path, module: nn.Module, optimizers: list[Optimizer], weights_only) -> dict[str, Any]:

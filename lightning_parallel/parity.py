@@ -17,7 +17,11 @@ A spec is a plain dict (JSON):
                           or a dict of HybridParallel arguments; a dict with "class" (an import
                           path) builds that strategy class instead
     trainer               extra Trainer arguments (accumulate_grad_batches, gradient_clip_val, ...)
-    callbacks             extra callbacks by import path; a callback's `record` dict joins the record
+    callbacks             extra callbacks by import path, or [import path, kwargs]; a callback's
+                          `record` dict joins the record
+    checkpoint            ModelCheckpoint arguments (dirpath, every_n_train_steps, save_top_k, ...)
+    loader                "plain" (default: torch's DataLoader) or "stateful" (torchdata's
+                          StatefulDataLoader, whose position Lightning saves in checkpoints)
     save_to, resume_from  a checkpoint path to write with trainer.save_checkpoint after fit, and
                           one to resume fit from (ckpt_path)
     evaluate              extra stages to run after fit: "test" (records test_loss), "predict"
@@ -139,6 +143,10 @@ def _data_parallel_degree(spec: dict) -> int:
 def _loaders(spec: dict, train_ds, val_ds):
     from torch.utils.data import DataLoader, DistributedSampler
 
+    if spec.get("loader", "plain") == "stateful":
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        DataLoader = StatefulDataLoader  # noqa: N806 (the same arguments; saves its position)
     dp = _data_parallel_degree(spec)
     batch, val_batch = spec["batch_size"], spec.get("val_batch_size", spec["batch_size"])
     for name, size, n in (("batch_size", batch, len(train_ds)), ("val_batch_size", val_batch, len(val_ds))):
@@ -223,7 +231,9 @@ def _worker(spec_file: str, out_file: str) -> None:
             )
             record["optimizer_elements"] = _per_rank(held)
 
-    probes = [_load(path)() for path in spec.get("callbacks", [])]
+    probes = [_load(c)() if isinstance(c, str) else _load(c[0])(**c[1]) for c in spec.get("callbacks", [])]
+    if spec.get("checkpoint"):
+        probes.append(pl.callbacks.ModelCheckpoint(**spec["checkpoint"]))
     strategy = spec.get("strategy")
     if isinstance(strategy, dict) and "class" in strategy:
         strategy = _load(strategy["class"])(**{k: v for k, v in strategy.items() if k != "class"})
@@ -237,7 +247,7 @@ def _worker(spec_file: str, out_file: str) -> None:
         strategy=strategy,
         max_steps=spec["max_steps"],
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(spec.get("checkpoint")),
         enable_progress_bar=False,
         enable_model_summary=False,
     )

@@ -4,14 +4,15 @@ Lightning's auto-requeue handler saves a checkpoint inside the signal handler, w
 rank happens to be when the signal lands. A sharded save is collective: ranks caught in
 different collectives (one mid pipeline schedule, another in a gradient reduction) would
 deadlock or mix their messages. Here the handler only records the signal; at the start of the
-next training step all ranks agree on it (one MAX all-reduce, read at the step after, so that
-the read never waits for a step's work) and run Lightning's handler together, which saves `hpc_ckpt_N.ckpt` and has rank 0 call `scontrol requeue`. The requeued
+next optimizer step all ranks agree on it (one MAX all-reduce, read at the step after, so that
+the read never waits for a step's work; at an optimizer step's first batch, so that no
+accumulated gradient is lost) and run Lightning's handler together, which saves `hpc_ckpt_N.ckpt` and has rank 0 call `scontrol requeue`. The requeued
 job resumes from that checkpoint by itself (Lightning looks for it under SLURM).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,10 +21,12 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 
 
 class DeferredRequeue:
-    def __init__(self, trainer) -> None:
+    def __init__(self, trainer, saving: Callable[[], ContextManager]) -> None:
         self.connector = trainer._signal_connector
+        self.saving = saving  # the context the save runs in
         self.signum = 0
         self._vote = None  # the vote in flight: (its host copy, the event its copy completes)
+        self.requeuing = False  # while Lightning's handler saves and requeues
         # Lightning registers this attribute as the handler after the strategy's setup.
         self.connector._slurm_sigusr_handler_fn = self.record
 
@@ -42,7 +45,12 @@ class DeferredRequeue:
         signum = int(host_vote.item())
         if signum:
             self.signum = 0
-            _SignalConnector._slurm_sigusr_handler_fn(self.connector, signum, None)
+            self.requeuing = True
+            try:
+                with self.saving():
+                    _SignalConnector._slurm_sigusr_handler_fn(self.connector, signum, None)
+            finally:
+                self.requeuing = False
 
     def _start_vote(self, device: torch.device):
         signalled = torch.full((1,), self.signum, device=device)
@@ -55,8 +63,8 @@ class DeferredRequeue:
         return host_vote, copied
 
 
-def defer_slurm_requeue(trainer, environment) -> Optional[DeferredRequeue]:
+def defer_slurm_requeue(trainer, environment, saving: Callable[[], ContextManager]) -> Optional[DeferredRequeue]:
     """Takes over Lightning's requeue handler when it would be installed (SLURM, auto-requeue on)."""
     if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
-        return DeferredRequeue(trainer)
+        return DeferredRequeue(trainer, saving)
     return None

@@ -25,7 +25,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_parallel import checkpoint, export, materialize, weights
+from lightning_parallel import checkpoint, data_position, export, materialize, weights
 from lightning_parallel.activation_checkpointing import (
     AC_CHOICES,
     apply_activation_checkpointing,
@@ -118,6 +118,9 @@ class HybridParallel(ParallelStrategy):
         init_from: weights to start from, read into each rank's shards: a Hugging Face model
             directory (safetensors), a one-file Lightning or torch checkpoint, or a HybridParallel
             checkpoint directory (weights only; resume with `fit(ckpt_path=...)` instead).
+        async_save: write checkpoints saved during training in the background: each rank's
+            shards are copied to CPU memory and the step goes on while a thread writes them (at
+            most one save in flight; the last one finishes before fit returns).
         backend: process-group backend; default gloo on CPU, nccl on CUDA.
         timeout: seconds a collective may wait before the run fails (instead of hanging).
     """
@@ -142,6 +145,7 @@ class HybridParallel(ParallelStrategy):
         pipeline_split: Union[str, list] = "auto",
         reshard_per_micro_batch: bool = False,
         init_from: Optional[str] = None,
+        async_save: bool = False,
         backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
         **strategy_kwargs: Any,
@@ -167,6 +171,7 @@ class HybridParallel(ParallelStrategy):
         check_type("schedule", schedule, (str,), "a schedule name")
         check_type("reshard_per_micro_batch", reshard_per_micro_batch, (bool,), "True or False")
         check_type("init_from", init_from, (str, os.PathLike, type(None)), "a path, or None")
+        check_type("async_save", async_save, (bool,), "True or False")
         check_type("backend", backend, (str, type(None)), "a backend name such as 'gloo' or 'nccl', or None")
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
@@ -204,8 +209,12 @@ class HybridParallel(ParallelStrategy):
         self.pipeline_split = pipeline_split if pipeline_split == "auto" else list(pipeline_split)
         self.reshard_per_micro_batch = reshard_per_micro_batch
         self.init_from = None if init_from is None else str(init_from)
+        self.async_save = async_save
         self.backend = backend
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+        self._saver = checkpoint.Saver(self.timeout)
+        self._saved_data_parallel: Optional[int] = None  # of the checkpoint fit resumed from
+        self._warned_lost_position = False
         self.num_nodes = 1
         self._layout: Optional[Layout] = None
         self._device_mesh: Optional[DeviceMesh] = None
@@ -345,7 +354,7 @@ class HybridParallel(ParallelStrategy):
             if self._pipeline is not None:
                 drop_other_stages_params(self.optimizers)
         self.setup_precision_plugin()
-        self._requeue = defer_slurm_requeue(trainer, self.cluster_environment)
+        self._requeue = defer_slurm_requeue(trainer, self.cluster_environment, lambda: data_position.batch_in_hand(trainer))
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
@@ -626,14 +635,33 @@ class HybridParallel(ParallelStrategy):
     def save_checkpoint(self, checkpoint_dict: dict[str, Any], filepath, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("HybridParallel writes sharded checkpoints with torch.distributed.checkpoint; storage_options are not used.")
+        trainer = self.lightning_module.trainer
+        fitting = trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
+        if fitting and not self._warned_lost_position and (why := data_position.lost_position_warning(trainer)):
+            rank_zero_warn(why)
+            self._warned_lost_position = True
         checkpoint_dict["hugging_face"] = export.hf_record(self.lightning_module)  # for `consolidate --format hf`
-        checkpoint.save_sharded(checkpoint_dict, self.broadcast(str(filepath)), self.is_global_zero)
+        checkpoint_dict["data_parallel"] = self.layout.dp
+        # A preempted job is requeued (and killed) right after its save: that one is written now.
+        background = self.async_save and fitting and not (self._requeue is not None and self._requeue.requeuing)
+        self._saver.save(checkpoint_dict, self.broadcast(str(filepath)), self.is_global_zero, background)
+
+    @property
+    def save_in_flight(self) -> bool:
+        """Whether a checkpoint is being written in the background (async_save)."""
+        return self._saver.in_flight
+
+    def remove_checkpoint(self, filepath) -> None:
+        # Waits for the save in flight: until the new checkpoint is in place, the old one stays.
+        self._saver.remove(filepath, self.is_global_zero)
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = self.broadcast(str(checkpoint_path))
         checkpoint.check_complete(path)
         if checkpoint.is_sharded_checkpoint(path):
-            return checkpoint.load_sharded(path, self.lightning_module, self.optimizers, weights_only)
+            loaded = checkpoint.load_sharded(path, self.lightning_module, self.optimizers, weights_only)
+            self._saved_data_parallel = loaded.get("data_parallel")
+            return loaded
         loaded = super().load_checkpoint(path, weights_only=weights_only)  # an ordinary one-file checkpoint
         if self.optimizers and loaded.get("optimizer_states"):
             raise LayoutError(
@@ -647,8 +675,13 @@ class HybridParallel(ParallelStrategy):
         if not checkpoint_dict.get(checkpoint.SHARDED):
             checkpoint.load_full_model_state(self.lightning_module, dict(checkpoint_dict["state_dict"]), strict=strict)
 
+    def process_dataloader(self, dataloader: object) -> object:
+        stage = self.lightning_module.trainer.state.stage
+        return data_position.keep_global_position(dataloader, stage, self._saved_data_parallel, self.layout.dp)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._requeue is not None:
+        self._saver.poll(self.is_global_zero)
+        if self._requeue is not None and batch_idx % self.lightning_module.trainer.accumulate_grad_batches == 0:
             self._requeue.at_step_start(self.root_device)
 
     def on_exception(self, exception: BaseException) -> None:
@@ -659,6 +692,7 @@ class HybridParallel(ParallelStrategy):
         # After an exception the other ranks may be waiting in another collective: leave
         # without one, so that they fail on the lost connection (or the timeout) and exit too.
         if not self._failed:
+            self._saver.wait(self.is_global_zero)
             self.barrier()
         module = self.lightning_module
         if module is None or not any(t.is_meta for t in [*module.parameters(), *module.buffers()]):

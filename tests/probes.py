@@ -262,3 +262,72 @@ class CollectiveBytesProbe(pl.Callback):
         self.record["optimizer_dtypes"] = sorted({str(v.dtype).removeprefix("torch.") for opt in trainer.optimizers
                                                   for state in opt.state.values() for v in state.values()
                                                   if hasattr(v, "dtype") and v.dim() > 0})
+
+
+class SlowCheckpointWrites(pl.Callback):
+    """Holds up every checkpoint write by `seconds` (in the writing thread, so a background save
+    stays in flight); records the steps that began, and ended, with a save in flight, and the
+    most writes this rank had under way at once."""
+
+    def __init__(self, seconds: float = 1.0):
+        self.seconds = seconds
+        self.record = {"began_in_flight": [], "ended_in_flight": [], "most_writes_at_once": 0}
+
+    def setup(self, trainer, module, stage):
+        import threading
+        import time
+
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        write_data, probe, lock = FileSystemWriter.write_data, self, threading.Lock()
+        under_way = [0]
+
+        def slow_write(writer, plan, planner):
+            with lock:
+                under_way[0] += 1
+                probe.record["most_writes_at_once"] = max(probe.record["most_writes_at_once"], under_way[0])
+            time.sleep(probe.seconds)
+            try:
+                return write_data(writer, plan, planner)
+            finally:
+                with lock:
+                    under_way[0] -= 1
+
+        FileSystemWriter.write_data = slow_write
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.strategy.save_in_flight:
+            self.record["began_in_flight"].append(trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.strategy.save_in_flight:
+            self.record["ended_in_flight"].append(trainer.global_step)
+
+
+class KillDuringBackgroundSave(pl.Callback):
+    """Holds up the write of the checkpoint saved at `step` and kills every rank (SIGKILL) at the
+    start of the next step, while that write is still in flight."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def setup(self, trainer, module, stage):
+        import time
+
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        write_data, step = FileSystemWriter.write_data, self.step
+
+        def held_up_write(writer, plan, planner):
+            if f"step={step}." in str(writer.path):
+                time.sleep(120)
+            return write_data(writer, plan, planner)
+
+        FileSystemWriter.write_data = held_up_write
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        import os
+        import signal
+
+        if trainer.global_step == self.step and trainer.strategy.save_in_flight:
+            os.kill(os.getpid(), signal.SIGKILL)

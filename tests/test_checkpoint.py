@@ -51,8 +51,12 @@ def test_resume_under_another_layout_continues_the_uninterrupted_run(tmp_path, n
 def test_model_checkpoint_writes_complete_directories(tmp_path, monkeypatch):
     monkeypatch.setenv("LP_TEST_CKPT_DIR", str(tmp_path))
     case = {**GPT, "callbacks": ["tests.probes:CheckpointEveryTwoSteps"], "trainer": {"enable_checkpointing": True}}
-    run({**case, "devices": 2, "strategy": {"pipeline_parallel": 2, "micro_batches": 2}})
+    record = run({**case, "devices": 2, "strategy": {"pipeline_parallel": 2, "micro_batches": 2}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]
+    # Saved mid-epoch from a plain DataLoader: said once, at the first save.
+    assert record["output"].count("A checkpoint is saved 2 batches into an epoch, but the training DataLoader "
+                                  "keeps no position") == 1, record["output"][-3000:]
+    assert "batches into an epoch" in record["output"] and "StatefulDataLoader" in record["output"]
     for ckpt in tmp_path.iterdir():
         assert (ckpt / "meta.pt").is_file() and (ckpt / ".metadata").is_file()
 

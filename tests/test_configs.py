@@ -31,7 +31,8 @@ TODAYS_RUN = {
     "trainer": {"accelerator": "cpu", "devices": 4, "num_nodes": 1, "max_steps": 100, "log_every_n_steps": 10,
                 "enable_checkpointing": False, "logger": False},
     "strategy": {"data_parallel": "auto", "tensor_parallel": 2, "pipeline_parallel": 2, "micro_batches": 4,
-                 "schedule": "1f1b", "pipeline_split": "auto", "sharding": "none", "tensor_plan": GPT_PLAN},
+                 "schedule": "1f1b", "pipeline_split": "auto", "sharding": "none", "async_save": False,
+                 "tensor_plan": GPT_PLAN},
 }
 TARGETS = {"model": "gpt.GPT", "data": "data.ByteDataModule", "trainer": "lightning.pytorch.Trainer",
            "strategy": "lightning_parallel.HybridParallel"}

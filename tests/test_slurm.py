@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lightning_parallel import parity
 from lightning_parallel.layout import Layout, describe_ranks, tensor_groups_across_nodes
-from tests.harness import REPO
+from tests.harness import REPO, reference, run
 
 CLUSTER = REPO / ".ci" / "slurm" / "cluster.sh"
 MULTI_NODE = REPO / "examples" / "slurm" / "multi_node.sbatch"
@@ -159,25 +160,49 @@ def test_one_node_job(slurm_env, tmp_path):
     assert [r["node"] for r in ranks] == [0, 0, 0, 0], output[-4000:]
 
 
-def test_preempted_job_saves_requeues_and_resumes(slurm_env, tmp_path):
-    # Only rank 1 receives the requeue signal: the ranks must still save together (a save
-    # inside each rank's signal handler would leave rank 0 out, or meet it mid-step).
+# The requeue job's model and data as a parity spec: the uninterrupted run is its one-process reference.
+REQUEUE_SPEC = dict(model="tests.models:tiny_gpt", model_kwargs={"n_layers": 2}, data="tests.models:token_data",
+                    batch_size=8, max_steps=12, loader="stateful")
+
+
+@pytest.fixture(scope="module")
+def preempted(slurm_env, tmp_path_factory):
+    """The requeue job (pp=2 x dp=2 on two nodes, signalled after step 5): its run directory and output."""
+    run_dir = tmp_path_factory.mktemp("requeue")
     job_script = REPO / "tests" / "slurm_requeue_job.py"
-    submit = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--open-mode=append",
-              f"--output={tmp_path / 'job.out'}", f"--wrap=srun python {job_script} {tmp_path} 1 5"]
+    submit = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", "--open-mode=append",
+              f"--output={run_dir / 'job.out'}", f"--wrap=srun python {job_script} {run_dir} 1 5"]
     job = subprocess.run(submit, cwd=REPO, env=slurm_env, capture_output=True, text=True, check=True).stdout.strip()
     release_when_requeued(job, slurm_env)
     state = wait_for_job(job, slurm_env)
-    output = (tmp_path / "job.out").read_text()
+    output = (run_dir / "job.out").read_text()
     print(output)
     assert state == "COMPLETED", output[-4000:]
+    return run_dir, output
+
+
+def test_preempted_job_saves_requeues_and_resumes_with_the_next_batch(preempted):
+    # Only rank 1 receives the requeue signal: the ranks must still save together (a save
+    # inside each rank's signal handler would leave rank 0 out, or meet it mid-step).
+    run_dir, output = preempted
     # Signalled after step 5: the vote starts at the next step and is read at the one after
     # (never waiting for a step's work), so the save holds 6 steps.
     assert re.findall(r"started at step (\d+)", output) == ["0", "6"], output[-4000:]
     assert "Requeued SLURM job" in output
-    assert f"Restored all states from the checkpoint at {tmp_path / 'hpc_ckpt_1.ckpt'}" in output
-    assert "finished at step 30" in output.split("started at step 6", 1)[1], output[-4000:]
-    assert (tmp_path / "hpc_ckpt_1.ckpt" / "meta.pt").is_file()
+    assert f"Restored all states from the checkpoint at {run_dir / 'hpc_ckpt_1.ckpt'}" in output
+    assert "finished at step 12" in output.split("started at step 6", 1)[1], output[-4000:]
+    # The requeued job reads batch 7 next, as the uninterrupted run did, not the epoch's first.
+    resumed = [float(loss) for loss in re.findall(r"step \d+ loss (\S+)", output.split("started at step 6", 1)[1])]
+    parity.assert_losses_close(reference(REQUEUE_SPEC)["losses"][6:], resumed)
+
+
+@pytest.mark.parametrize("devices", [4, 1], ids=["dp4", "dp1"])
+def test_preemption_save_resumes_under_another_data_parallel_degree(preempted, devices):
+    run_dir, _ = preempted
+    resumed = run({**REQUEUE_SPEC, "devices": devices, "strategy": {"data_parallel": devices},
+                   "resume_from": str(run_dir / "hpc_ckpt_1.ckpt")})
+    uninterrupted = reference(REQUEUE_SPEC)
+    parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][6:]}, resumed)
 
 
 def release_when_requeued(job: str, env: dict) -> None:
