@@ -15,7 +15,6 @@ says so when the save is made, not when it is too late.
 from __future__ import annotations
 
 import itertools
-from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
@@ -34,7 +33,6 @@ class GlobalPositionSampler(Sampler[int]):
         self.sampler = sampler
         self.batch_size = batch_size  # per rank, to tell whether the global batch changed
         self.yielded = 0  # samples this rank has read in the current epoch
-        self.in_hand = 0  # of those, samples drawn for a batch not trained yet (see batch_in_hand)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples already read by this rank)
 
     def __iter__(self) -> Iterator[int]:
@@ -59,7 +57,7 @@ class GlobalPositionSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "global_samples": (self.yielded - self.in_hand) * self.sampler.num_replicas,
+            "global_samples": self.yielded * self.sampler.num_replicas,
             "replicas": self.sampler.num_replicas,
             "global_batch": self.global_batch,
             "epoch_size": self.sampler.total_size,
@@ -119,16 +117,11 @@ def keep_global_position(dataloader: Any, stage: Optional[RunningStage], saved_d
 
 
 def _distributed_sampler(dataloader: Any) -> Optional[DistributedSampler]:
-    sampler = _position_sampler(dataloader)
-    return sampler if isinstance(sampler, DistributedSampler) else None
-
-
-def _position_sampler(dataloader: Any) -> Any:
-    """The sampler that deals the loader's samples: a loader with its own batch sampler class
-    (StatefulDataLoader's) holds it there, and a default SequentialSampler as `sampler`."""
+    # A loader with its own batch sampler class (StatefulDataLoader's) holds it there, and a
+    # default SequentialSampler as `sampler`.
     for holder in (getattr(dataloader, "batch_sampler", None), dataloader):
         sampler = getattr(holder, "sampler", None)
-        if isinstance(sampler, (DistributedSampler, GlobalPositionSampler)):
+        if isinstance(sampler, DistributedSampler):
             return sampler
     return None
 
@@ -144,20 +137,6 @@ def _wraps_default_shuffle(sampler: DistributedSampler) -> bool:
     wrapped = getattr(sampler.dataset, "_sampler", None) if isinstance(sampler, DistributedSamplerWrapper) else None
     return (isinstance(wrapped, RandomSampler) and not wrapped.replacement
             and wrapped.num_samples == len(wrapped.data_source))
-
-
-@contextmanager
-def batch_in_hand(trainer) -> Iterator[None]:
-    """For a checkpoint saved at a training batch's start (SLURM's preemption save): the batch is
-    drawn but not trained, and the resumed run trains it again, so the position leaves it out."""
-    samplers = [s for loader in _training_loaders(trainer) if isinstance(s := _position_sampler(loader), GlobalPositionSampler)]
-    for sampler in samplers:
-        sampler.in_hand = sampler.batch_size or 0
-    try:
-        yield
-    finally:
-        for sampler in samplers:
-            sampler.in_hand = 0
 
 
 def is_stateful(loader: Any) -> bool:

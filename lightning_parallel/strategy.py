@@ -224,7 +224,7 @@ class HybridParallel(ParallelStrategy):
         self._metric_group = None
         self._failed = False
         self._loaded: set[str] = set()  # tensor names init_from provides
-        self._requeue = None  # SLURM's requeue signal, acted on at the next step's start
+        self._requeue = None  # SLURM's requeue signal, acted on after a later optimizer step (a callback)
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -354,7 +354,7 @@ class HybridParallel(ParallelStrategy):
             if self._pipeline is not None:
                 drop_other_stages_params(self.optimizers)
         self.setup_precision_plugin()
-        self._requeue = defer_slurm_requeue(trainer, self.cluster_environment, lambda: data_position.batch_in_hand(trainer))
+        self._requeue = defer_slurm_requeue(trainer, self.cluster_environment, self.root_device)
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
@@ -681,8 +681,6 @@ class HybridParallel(ParallelStrategy):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._saver.poll(self.is_global_zero)
-        if self._requeue is not None and batch_idx % self.lightning_module.trainer.accumulate_grad_batches == 0:
-            self._requeue.at_step_start(self.root_device)
 
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True

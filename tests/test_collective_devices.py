@@ -70,9 +70,15 @@ def test_strategy_broadcast(recorded, monkeypatch):
 
 
 def test_preemption_vote(recorded):
+    from types import SimpleNamespace
+
     requeue = DeferredRequeue.__new__(DeferredRequeue)
-    requeue.signum, requeue._vote = 0, None
-    requeue.at_step_start(META)  # starts the vote; the next step reads it
-    with pytest.raises(RuntimeError, match="meta"):  # reading the vote needs a real tensor
-        requeue.at_step_start(META)
-    assert recorded == [META, META]
+    requeue.signum, requeue._vote, requeue.device = 0, None, META
+    trainer = SimpleNamespace(global_step=3)
+    requeue.on_train_batch_start(trainer, None, None, 0)  # starts the vote
+    requeue.on_train_batch_start(trainer, None, None, 1)  # an accumulating batch: no second vote
+    requeue.on_train_batch_end(trainer, None, None, None, 1)  # no optimizer update yet: not read
+    trainer.global_step = 4
+    with pytest.raises(RuntimeError, match="meta"):  # after the update it is read (a real tensor's)
+        requeue.on_train_batch_end(trainer, None, None, None, 2)
+    assert recorded == [META]
