@@ -692,6 +692,7 @@ class HybridParallel(ParallelStrategy):
         if not self._failed:
             self._saver.wait(self.is_global_zero)
             self.barrier()
+        self._saved_data_parallel = None  # a later fit starts afresh unless it resumes too
         module = self.lightning_module
         if module is None or not any(t.is_meta for t in [*module.parameters(), *module.buffers()]):
             super().teardown()

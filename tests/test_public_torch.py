@@ -62,6 +62,8 @@ ATTRIBUTES = {
     "_signal_connector": ("lightning", "the trainer's SLURM signal handling, for preemption"),
     "_slurm_sigusr_handler_fn": ("lightning", "the SLURM requeue handler, deferred to a step every rank reaches"),
     "_data_source": ("lightning", "the fit loop's dataloader source"),
+    "_sampler": ("lightning", "the sampler DistributedSamplerWrapper wraps, to tell torchdata's shuffling "
+                 "sampler (StatefulDataLoader(shuffle=True)) from a user's (data_position.py)"),
     "_optimizer": ("lightning", "the optimizer inside a LightningOptimizer"),
     "_defaults": ("torchmetrics", "a Metric's states' starting values, refused on meta"),
     "_update_count": ("torchmetrics", "counted on stages that receive a Metric's states, so it does not warn"),
