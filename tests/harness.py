@@ -21,3 +21,9 @@ def _reference(key: str) -> dict:
 def reference(spec: dict) -> dict:
     """The one-process run of `spec` (its strategy and devices replaced)."""
     return _reference(json.dumps({**spec, "strategy": None, "devices": 1}, sort_keys=True))
+
+
+def shared_run(spec: dict) -> dict:
+    """`run(spec)`, once per session: for runs that several test files read (a parity test and
+    the planner's memory test, say). The record must not be modified."""
+    return _reference(json.dumps(spec, sort_keys=True))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_parallel import parity
-from tests.harness import reference, run
+from tests.harness import reference, run, shared_run
 
 GPT = dict(model="tests.models:tiny_gpt", data="tests.models:token_data", batch_size=8, max_steps=4)
 MLP = dict(
@@ -20,7 +20,7 @@ MLP = dict(
 @pytest.mark.parametrize("case", [GPT, MLP], ids=["gpt", "mlp"])
 def test_dp2_matches_one_process(case, sharding):
     ref = reference(case)
-    par = run({**case, "devices": 2, "strategy": {"data_parallel": 2, "sharding": sharding}})
+    par = shared_run({**case, "devices": 2, "strategy": {"data_parallel": 2, "sharding": sharding}})
     parity.assert_parity(ref, par)
 
     # The model summary counts the whole model, not one rank's shard.
@@ -41,7 +41,7 @@ def test_hybrid_sharding_matches_one_process():
     """dp=4 as 2 replicas x 2 shards: each rank holds half the model (its replica's shard)."""
     case = {**GPT, "batch_size": 16}
     ref = reference(case)
-    par = run({**case, "devices": 4, "strategy": {"data_parallel": 4, "sharding": "hybrid", "data_parallel_shard": 2}})
+    par = shared_run({**case, "devices": 4, "strategy": {"data_parallel": 4, "sharding": "hybrid", "data_parallel_shard": 2}})
     parity.assert_parity(ref, par)
     assert "HybridParallel layout pp=1 x dp=4 (2 replicas x 2 shards) x tp=1 on 4 processes" in par["output"]
     assert "(replica 1, shard 0)" in par["output"]

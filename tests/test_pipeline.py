@@ -5,7 +5,7 @@ import torch
 
 from lightning_parallel import parity
 from lightning_parallel.pipeline import SCHEDULES
-from tests.harness import reference, run
+from tests.harness import reference, run, shared_run
 from tests.models import GPT_PLAN
 
 GPT = dict(model="tests.models:tiny_gpt", model_kwargs={"n_layers": 4}, data="tests.models:token_data",
@@ -40,7 +40,7 @@ def assert_no_host_sync_after_the_first_step(par, last_stage_rank):
 def test_example_gpt_pp2(schedule):
     ref = reference(GPT)
     strategy = {"pipeline_parallel": 2, "schedule": schedule, "micro_batches": 4}
-    par = run({**GPT, "devices": 2, "strategy": strategy, "callbacks": ["tests.probes:HostSyncProbe"]})
+    par = shared_run({**GPT, "devices": 2, "strategy": strategy, "callbacks": ["tests.probes:HostSyncProbe"]})
     parity.assert_parity(ref, par)
     assert_no_host_sync_after_the_first_step(par, last_stage_rank=1 if schedule == "1f1b" else 0)
     assert_each_rank_holds_its_stages_only(ref, par)
@@ -91,7 +91,7 @@ def test_3d_dp2_tp2_pp2(sharding):
     ref = reference(GPT)
     strategy = {"pipeline_parallel": 2, "data_parallel": 2, "tensor_parallel": 2, "sharding": sharding,
                 "tensor_plan": GPT_PLAN, "micro_batches": 2}
-    par = run({**GPT, "devices": 8, "strategy": strategy})
+    par = shared_run({**GPT, "devices": 8, "strategy": strategy})
     parity.assert_parity(ref, par)
     assert "HybridParallel layout pp=2 x dp=2 x tp=2 on 8 processes" in par["output"]
 

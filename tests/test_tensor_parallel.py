@@ -4,7 +4,7 @@ import pytest
 
 from lightning_parallel import parity
 from lightning_parallel.tensor_parallel.plans import expand
-from tests.harness import reference, run
+from tests.harness import reference, run, shared_run
 from tests.models import GPT_PLAN, GPT_SP_PLAN, tiny_gpt
 
 GPT = dict(model="tests.models:tiny_gpt", data="tests.models:token_data", batch_size=8, max_steps=4)
@@ -32,7 +32,7 @@ def expected_elements(module, plan, tp, sharded_over=1):
 
 def test_tp2_gpt_explicit_plan():
     ref = reference(GPT)
-    par = run({**GPT, "devices": 2, "strategy": {"tensor_parallel": 2, "tensor_plan": GPT_PLAN}})
+    par = shared_run({**GPT, "devices": 2, "strategy": {"tensor_parallel": 2, "tensor_plan": GPT_PLAN}})
     parity.assert_parity(ref, par)
     assert par["elements_held"] == [expected_elements(tiny_gpt(), GPT_PLAN, 2)] * 2
     assert par["summary_total_params"] == ref["summary_total_params"]

@@ -49,8 +49,35 @@ class SplitModel:
     report: str  # the chosen split, for the start-up log
 
 
-def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_rank: int, spec: ScheduleSpec,
-                micro_batches: int, pipeline_split, hardware: Hardware, agree=lambda decision: decision) -> SplitModel:
+@dataclass
+class StageCut:
+    """Where the model is cut (decided alike on every rank) and what each stage holds; nothing
+    freed or built yet. `split_model` applies it on a rank; the planner reads it."""
+
+    entry_name: str
+    entry: nn.Module
+    plan: StagePlan
+    declared: bool  # cut at the pieces the model declares (a Hugging Face `_pp_plan`)
+    call: tuple[tuple, dict]  # the entry's call on the whole batch
+    outside: list[tuple[str, object]]  # (name, tensor) no stage's forward uses: the last stage holds them
+    stage_costs: list[float]  # counted seconds of forward + backward per micro-batch, per stage
+    report: str
+
+    def tensors(self, stage_ids: list[int]) -> list:
+        held = stage_tensors(self.entry, self.plan, stage_ids)
+        if self.plan.num_stages - 1 in stage_ids:  # the training step runs on the last stage
+            held += [t for _, t in self.outside]
+        return held
+
+    def held_names(self, module: nn.Module, stage_ids: list[int]) -> set[str]:
+        """Names (in the LightningModule) of the parameters and buffers these stages hold."""
+        ids = {id(t) for t in self.tensors(stage_ids)}
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        return {name for name, t in named if id(t) in ids}
+
+
+def cut_stages(module: nn.Module, probe_step: str, probe_batch, pp: int, spec: ScheduleSpec, micro_batches: int,
+               pipeline_split, hardware: Hardware, agree=lambda decision: decision) -> StageCut:
     """`agree(decision)` returns one rank's decision to every rank (global rank 0's), so that
     probe batches of other shapes on other ranks cannot give different splits."""
     num_stages = pp * spec.stages_per_rank
@@ -59,15 +86,12 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     prefix = f"{entry_name}." if entry_name else ""
     (micro_args, micro_kwargs), *_ = split_batch((args, kwargs), micro_batches)
     names = None if pipeline_split == "auto" else [_relative(name, prefix) for name in pipeline_split]
-    stage_ids = stages_of_rank(spec, pp_rank, pp)
 
     declared = declared_units(entry)
     if declared is not None:
         costs = declared_costs(entry, declared, micro_args, micro_kwargs, hardware)
         unit_stage = agree(_declared_split(declared, costs, names, num_stages))
         plan = _declared_plan(entry, declared, unit_stage, num_stages)
-        stage_modules = [DeclaredStage(entry, plan.owned_modules[s], s == 0, s == num_stages - 1, args, kwargs)
-                         for s in stage_ids]
     else:
         concrete = concrete_args_for(entry, args, kwargs)
         if names is None:
@@ -79,24 +103,36 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
             split = redo_split(entry, set(opened), unit_stage, micro_args, micro_kwargs, concrete, hardware)
         costs = split.costs
         plan = plan_stages(entry, split.graph, unit_stage, num_stages, split.measured)
-        stage_modules = [StageModule(entry, plan, s) for s in stage_ids]
 
     used = {id(t) for t in stage_tensors(entry, plan, range(num_stages))}
     outside = [(name, t) for name, t in [*module.named_parameters(), *module.named_buffers()] if id(t) not in used]
-    keep = stage_tensors(entry, plan, stage_ids)
-    if num_stages - 1 in stage_ids:  # the training step runs on the last stage
-        keep += [t for _, t in outside]
-    report = _report(entry, prefix, plan, stage_costs(costs, unit_stage, num_stages), outside, names is None)
-    keep_ids = {id(t) for t in keep}
-    held = {name for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-            if id(t) in keep_ids}
-    free_unowned(module, keep)
+    per_stage = stage_costs(costs, unit_stage, num_stages)
+    report = _report(entry, prefix, plan, per_stage, outside, names is None)
+    return StageCut(entry_name, entry, plan, declared is not None, (args, kwargs), outside, per_stage, report)
+
+
+def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_rank: int, spec: ScheduleSpec,
+                micro_batches: int, pipeline_split, hardware: Hardware, agree=lambda decision: decision) -> SplitModel:
+    """This rank's stages of the cut `cut_stages` decides; frees every tensor they do not hold."""
+    cut = cut_stages(module, probe_step, probe_batch, pp, spec, micro_batches, pipeline_split, hardware, agree)
+    entry, plan = cut.entry, cut.plan
+    stage_ids = stages_of_rank(spec, pp_rank, pp)
+    if cut.declared:
+        args, kwargs = cut.call
+        stage_modules = [DeclaredStage(entry, plan.owned_modules[s], s == 0, s == plan.num_stages - 1, args, kwargs)
+                         for s in stage_ids]
+    else:
+        stage_modules = [StageModule(entry, plan, s) for s in stage_ids]
+    held = cut.held_names(module, stage_ids)
+    free_unowned(module, cut.tensors(stage_ids))
+    prefix = f"{cut.entry_name}." if cut.entry_name else ""
     owned_names = {
         f"{prefix}{name}.{sub}".rstrip(".")
         for s in stage_ids for name in plan.owned_modules[s] for sub, _ in entry.get_submodule(name).named_modules()
     }
-    outside_params = [name for name, t in outside if isinstance(t, nn.Parameter)]
-    return SplitModel(entry_name, stage_modules, stage_ids, num_stages, owned_names, outside_params, held, report)
+    outside_params = [name for name, t in cut.outside if isinstance(t, nn.Parameter)]
+    return SplitModel(cut.entry_name, stage_modules, stage_ids, plan.num_stages, owned_names, outside_params, held,
+                      cut.report)
 
 
 def _find_entry(module: nn.Module, probe_step: str, probe_batch) -> tuple[str, tuple, dict]:
@@ -187,4 +223,4 @@ def _compact(names: list[str]) -> str:
     )
 
 
-__all__ = ["PipelineRunner", "SCHEDULES", "SplitModel", "check_schedule", "split_model"]
+__all__ = ["PipelineRunner", "SCHEDULES", "SplitModel", "StageCut", "check_schedule", "cut_stages", "split_model"]
