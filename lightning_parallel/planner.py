@@ -50,10 +50,13 @@ class Machine:
     inter_node_bytes_per_s: float  # and across nodes
     collective_seconds: float  # fixed cost of one collective
     peak_flops_per_s: Optional[float] = None  # datasheet, for model FLOPs utilization
+    cores_per_node: Optional[int] = None  # CPU processes share a node's cores: rates per core
+    overlap: float = 1.0  # how much of the data-parallel traffic compute can hide (GPUs: streams)
 
-    @property
-    def hardware(self) -> Hardware:
-        return Hardware(self.name, self.flops_per_s, self.memory_bytes_per_s, self.seconds_per_op)
+    def hardware(self, devices_in_use: int = 1) -> Hardware:
+        """Per device, when `devices_in_use` of a node's devices run (they share its cores on CPU)."""
+        share = 1.0 if self.cores_per_node is None else min(1.0, self.cores_per_node / devices_in_use)
+        return Hardware(self.name, self.flops_per_s * share, self.memory_bytes_per_s * share, self.seconds_per_op / share)
 
 
 MACHINES = {
@@ -63,7 +66,10 @@ MACHINES = {
     "8xa100": Machine("8xA100 80GB (NVLink, InfiniBand)", 8, 80e9, 2.2e14, 1.6e12, 4e-6, 2.4e11, 2.2e10, 2e-5, 3.12e14),
     # This project's 2-core CPU machines, one process per device, gloo on loopback: measured by
     # benchmarks/calibrate_planner.py (per process, with the cores shared between the processes).
-    "cpu": Machine("CPU (2 cores, gloo)", 8, 3 * GiB, 1.0e11, 3.0e10, 5e-6, 1.0e9, 1.0e9, 1e-4),
+    # Collectives here cost milliseconds: gloo on loopback, processes on oversubscribed cores;
+    # nothing overlaps (gloo runs the collective on the cores the compute needs).
+    "cpu": Machine("CPU (2 cores, gloo)", 8, 3 * GiB, 1.0e11, 3.0e10, 5e-6, 1.0e9, 1.0e9, 5e-3,
+                   cores_per_node=2, overlap=0.0),
 }
 
 OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adagrad": 1, "RMSprop": 1,
@@ -496,7 +502,8 @@ def _step_time(model: _Model, option: Option, machine: Machine) -> StepTime:
     per_rank = _per_rank_batch(model.batch, option.dp)
     micro = per_rank if option.pp == 1 else split_batch(per_rank, option.micro_batches)[0]
     m = option.micro_batches if option.pp > 1 else 1
-    micro_seconds = _model_seconds(model, micro, machine)  # forward + backward of the whole model
+    on_node = min(option.layout.world_size, machine.devices_per_node)
+    micro_seconds = _model_seconds(model, micro, machine, on_node)  # forward + backward of the whole model
     recompute = {"none": 0.0, "selective": 0.1, "full": 1 / 3}[option.activation_checkpointing]
     fractions = [_stage_fraction(cut, spec, r, option.pp) for r in range(option.pp)]
     busiest = max(fractions) * micro_seconds * (1 + recompute) / option.tp
@@ -508,12 +515,12 @@ def _step_time(model: _Model, option: Option, machine: Machine) -> StepTime:
     return StepTime(compute, bubble, tp_time, sends, dp_time)
 
 
-def _model_seconds(model: _Model, micro_batch, machine: Machine) -> float:
-    key = ("seconds", machine.name, _batch_size(micro_batch))
+def _model_seconds(model: _Model, micro_batch, machine: Machine, devices_in_use: int) -> float:
+    key = ("seconds", machine.name, devices_in_use, _batch_size(micro_batch))
     if key not in model.cuts:
         module = copy.deepcopy(model.module)
         entry_name, args, kwargs = capture_call(module, model.step, micro_batch, 0)
-        counter = OpCost(machine.hardware)
+        counter = OpCost(machine.hardware(devices_in_use))
         with counter:
             out = module.get_submodule(entry_name)(*args, **kwargs)
         forward = counter.seconds
@@ -588,28 +595,32 @@ def _send_seconds(model: _Model, cut, option: Option, machine: Machine, micro_ba
 
 
 def _data_parallel_seconds(model: _Model, option: Option, machine: Machine, compute: float) -> float:
+    """Gradient (and, sharded, parameter) traffic that compute does not hide. DDP all-reduces a
+    few buckets during the backward; FSDP2 gathers each unit's parameters twice (forward and
+    backward) and reduce-scatters its gradients, prefetching the next unit during the current
+    one's compute; HSDP adds an all-reduce per unit across replicas."""
     if option.dp == 1:
         return 0.0
     params = sum(p.numel() for p in model.module.parameters()) / (option.pp * option.tp)
     grad_bytes = params * (2 if model.precision != "32-true" else 4)
-    per_node_dp = max(1, machine.devices_per_node // option.tp)
-    spans_nodes = option.dp > per_node_dp
+    spans_nodes = option.dp > max(1, machine.devices_per_node // option.tp)
     inter, intra = machine.inter_node_bytes_per_s, machine.intra_node_bytes_per_s
+    units = max(1, len(data_parallel_units(model.module)) // option.pp)
     if option.sharding == "none":
         bandwidth = inter if spans_nodes else intra
         traffic = 2 * (option.dp - 1) / option.dp * grad_bytes / bandwidth
-        return max(0.0, traffic - 0.5 * compute) + machine.collective_seconds  # overlaps the backward
-    if option.sharding == "full":
+        collectives = max(1, math.ceil(grad_bytes / 25e6))  # DDP's 25 MB buckets
+        hidden = 0.5 * compute  # the backward's share of the step
+    elif option.sharding == "full":
         bandwidth = inter if spans_nodes else intra
         traffic = 3 * (option.dp - 1) / option.dp * grad_bytes / bandwidth
+        collectives, hidden = 3 * units, compute
     else:  # hybrid: gathers inside the shard group, gradients all-reduced across replicas
         s, r = option.dp_shard, option.dp // option.dp_shard
-        traffic = (3 * (s - 1) / s * grad_bytes / intra
-                   + 2 * (r - 1) / r * grad_bytes / s / inter)
-    # FSDP prefetches the next unit's parameters during the current one's compute: the first
-    # gather waits, the rest hides behind compute when there is enough of it.
-    units = max(1, len(data_parallel_units(model.module)))
-    return max(0.0, traffic - compute) + traffic / units
+        traffic = 3 * (s - 1) / s * grad_bytes / intra + 2 * (r - 1) / r * grad_bytes / s / inter
+        collectives, hidden = 4 * units, compute
+    waiting = traffic + collectives * machine.collective_seconds
+    return max(0.0, waiting - machine.overlap * hidden)
 
 
 def format_plan(predictions: list[Prediction], top: int = 10) -> str:
