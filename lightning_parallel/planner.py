@@ -153,10 +153,15 @@ class Prediction:
     memory: Memory
     time: StepTime
     refused: Optional[str] = None  # why it does not fit or cannot run
+    global_batch: int = 0
 
     @property
     def fits(self) -> bool:
         return self.refused is None
+
+    @property
+    def seconds_per_sample(self) -> float:
+        return self.time.total / self.global_batch if self.global_batch else math.inf
 
 
 @dataclass
@@ -188,6 +193,19 @@ def build_on_meta(factory, **kwargs) -> nn.Module:
     return module
 
 
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` with every parameter and buffer on the meta device (nothing allocated),
+    detached from its trainer and device mesh."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    for name in ("_trainer", "_device_mesh", "_fabric"):
+        if getattr(module, name, None) is not None:
+            memo[id(getattr(module, name))] = None
+    return copy.deepcopy(module, memo)
+
+
 def predict(module: nn.Module, batch, option: Option, machine: Machine, precision: str = "32-true",
             tensor_plan="auto", step: str = "training_step", _model: Optional[_Model] = None) -> Prediction:
     """Memory per rank and step time of `module` trained on the global `batch` under `option`."""
@@ -198,12 +216,12 @@ def predict(module: nn.Module, batch, option: Option, machine: Machine, precisio
         time = _step_time(model, option, machine)
     except LayoutError as error:
         empty = Memory(0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        return Prediction(option, empty, StepTime(math.inf, 0, 0, 0, 0), refused=str(error))
+        return Prediction(option, empty, StepTime(math.inf, 0, 0, 0, 0), str(error), model.global_batch)
     refused = None
     if memory.total_bytes > machine.memory_bytes:
         refused = (f"needs {memory.total_bytes / GiB:.1f} GiB per device, the device has "
                    f"{machine.memory_bytes / GiB:.1f} GiB")
-    return Prediction(option, memory, time, refused)
+    return Prediction(option, memory, time, refused, model.global_batch)
 
 
 def plan(module: nn.Module, batch, world_size: int, machine: Machine, precision: str = "32-true",
@@ -215,20 +233,53 @@ def plan(module: nn.Module, batch, world_size: int, machine: Machine, precision:
     predictions = [predict(module, batch, option, machine, precision, tensor_plan, step, _model=model)
                    for option in candidate_options(world_size, model.global_batch, machine.devices_per_node,
                                                    activation_checkpointing, schedules)]
-    return sorted(predictions, key=lambda p: (not p.fits, p.time.total, p.memory.total_bytes))
+    return _ranked(predictions)
+
+
+def plan_per_rank_batch(module: nn.Module, per_rank_batch, world_size: int, machine: Machine,
+                        precision: str = "32-true", tensor_plan="auto", step: str = "training_step",
+                        activation_checkpointing=("none", "full"),
+                        schedules=("1f1b", "interleaved_1f1b", "zbv")) -> list[Prediction]:
+    """As `plan`, for a DataLoader whose batch size is per data-parallel rank (Lightning's
+    meaning): each layout trains on that batch times its data-parallel degree, so layouts are
+    ranked by seconds per sample."""
+    size = _batch_size(per_rank_batch)
+    models: dict[int, _Model] = {}
+    predictions = []
+    for option in candidate_options(world_size, size * world_size, machine.devices_per_node,
+                                    activation_checkpointing, schedules, per_rank_batch=size):
+        if option.dp not in models:
+            batch = _tiled(per_rank_batch, option.dp)
+            models[option.dp] = _measure_model(module, batch, precision, step, tensor_plan)
+        model = models[option.dp]
+        predictions.append(predict(module, model.batch, option, machine, precision, tensor_plan, step, _model=model))
+    return _ranked(predictions)
+
+
+def _ranked(predictions: list[Prediction]) -> list[Prediction]:
+    return sorted(predictions, key=lambda p: (not p.fits, p.seconds_per_sample, p.memory.total_bytes))
+
+
+def _tiled(batch, times: int):
+    """`batch` repeated `times` along its first dim (meta tensors stay meta)."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.repeat(times, *[1] * (t.dim() - 1)) if isinstance(t, torch.Tensor) else t, batch)
 
 
 def candidate_options(world_size: int, global_batch: int, per_node: int, activation_checkpointing=("none",),
-                      schedules=("1f1b",)) -> Iterator[Option]:
+                      schedules=("1f1b",), per_rank_batch: Optional[int] = None) -> Iterator[Option]:
+    """With `per_rank_batch`, every data-parallel rank's batch is that (the global batch grows
+    with dp); else `global_batch` is divided over the data-parallel ranks."""
     for pp in _divisors(world_size):
         for tp in _divisors(world_size // pp):
             if tp > per_node or per_node % tp:
                 continue  # tensor groups stay inside a node
             dp = world_size // (pp * tp)
-            if global_batch % dp:
+            if per_rank_batch is None and global_batch % dp:
                 continue
+            per_rank = per_rank_batch if per_rank_batch is not None else global_batch // dp
             for sharding, dp_shard in _shardings(dp, per_node // tp):
-                for schedule, micro_batches in _pipelines(pp, global_batch // dp, schedules):
+                for schedule, micro_batches in _pipelines(pp, per_rank, schedules):
                     for ac in activation_checkpointing:
                         yield Option(pp, dp, tp, sharding, dp_shard, schedule, micro_batches, ac)
 
@@ -637,4 +688,4 @@ def format_plan(predictions: list[Prediction], top: int = 10) -> str:
 
 
 __all__ = ["MACHINES", "Machine", "Option", "Prediction", "build_on_meta", "candidate_options", "format_plan",
-           "plan", "predict", "replace"]
+           "meta_copy", "plan", "plan_per_rank_batch", "predict", "replace"]

@@ -35,7 +35,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_parallel import checkpoint, data_position, export, materialize, weights
+from lightning_parallel import auto_layout, checkpoint, data_position, export, materialize, weights
+from lightning_parallel.auto_layout import check_auto_layout
 from lightning_parallel.activation_checkpointing import (
     AC_CHOICES,
     apply_activation_checkpointing,
@@ -118,6 +119,11 @@ class HybridParallel(ParallelStrategy):
         init_from: weights to start from, read into each rank's shards: a Hugging Face model
             directory (safetensors), a one-file Lightning or torch checkpoint, or a HybridParallel
             checkpoint directory (weights only; resume with `fit(ckpt_path=...)` instead).
+        layout: "given" (the degrees and options above) or "auto": the planner chooses the
+            degrees, sharding, schedule, micro-batches and activation checkpointing for this
+            model, batch and world (lightning_parallel/planner.py), leaving those arguments unset.
+        machine: the planner's hardware preset for layout="auto" ("8xh100", "8xa100", "cpu");
+            default: by device.
         async_save: write checkpoints saved during training in the background: each rank's
             shards are copied to CPU memory and the step goes on while a thread writes them (at
             most one save in flight; the last one finishes before fit returns).
@@ -145,6 +151,8 @@ class HybridParallel(ParallelStrategy):
         pipeline_split: Union[str, list] = "auto",
         reshard_per_micro_batch: bool = False,
         init_from: Optional[str] = None,
+        layout: str = "given",
+        machine: Optional[str] = None,
         async_save: bool = False,
         backend: Optional[str] = None,
         timeout: Union[float, timedelta] = 1800.0,
@@ -174,6 +182,10 @@ class HybridParallel(ParallelStrategy):
         check_type("async_save", async_save, (bool,), "True or False")
         check_type("backend", backend, (str, type(None)), "a backend name such as 'gloo' or 'nccl', or None")
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
+        check_auto_layout(layout, machine, dict(
+            data_parallel=data_parallel, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
+            sharding=sharding, data_parallel_shard=data_parallel_shard, micro_batches=micro_batches, schedule=schedule,
+            activation_checkpointing=activation_checkpointing))
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
         check_compile(compile, self._schedule_spec if pipeline_parallel > 1 else None)
@@ -210,6 +222,9 @@ class HybridParallel(ParallelStrategy):
         self.reshard_per_micro_batch = reshard_per_micro_batch
         self.init_from = None if init_from is None else str(init_from)
         self.async_save = async_save
+        self.layout_mode = layout  # "auto": chosen in setup (self._auto_chosen says whether it was)
+        self.machine = machine
+        self._auto_chosen = False
         self.backend = backend
         self.timeout = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
         self._saver = checkpoint.Saver(self.timeout)
@@ -306,12 +321,33 @@ class HybridParallel(ParallelStrategy):
         backend = self.backend or default_backend(self.root_device)
         device_id = self.root_device if self.root_device.type == "cuda" else None
         _init_dist_connection(self.cluster_environment, backend, timeout=self.timeout, device_id=device_id)
+        self._build_mesh()
+
+    def _build_mesh(self) -> None:
         self._device_mesh = self.layout.build_mesh(self.root_device.type)
         ranks = self._gather_ranks()
         rank_zero_info(describe_ranks(self.layout, ranks))
         self._warn_if_tensor_groups_span_nodes([node for _, node, _ in ranks])
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # as ModelParallelStrategy does
+
+    def _choose_layout(self, trainer) -> None:
+        """layout="auto": rank 0 plans, every rank takes its choice, the mesh is built again."""
+        step, batch = self._probe(trainer)
+        chosen, table = None, ""
+        if self.is_global_zero:
+            precision = getattr(self.precision_plugin, "precision", "32-true")
+            chosen, table = auto_layout.choose(self.lightning_module, step, batch, self.world_size, self.num_processes,
+                                               self.root_device, self.machine, precision, self.tensor_plan)
+        chosen, table = self.broadcast((chosen, table))
+        if chosen is None:
+            raise LayoutError(f"layout='auto' found no layout of {self.world_size} devices that fits:\n{table}")
+        auto_layout.applied(self, chosen)
+        self._schedule_spec = check_schedule(self.schedule, self.pipeline_parallel, self.micro_batches)
+        self._layout, self._auto_chosen = None, True
+        rank_zero_info(f"layout='auto' chose {chosen}: HybridParallel(**{chosen.arguments()}). The planner's first "
+                       f"layouts:\n{table}")
+        self._build_mesh()
 
     def _gather_ranks(self) -> list[tuple[str, int, list[int]]]:
         """Every rank's (host name, node rank, mesh coordinate), on every rank."""
@@ -337,6 +373,8 @@ class HybridParallel(ParallelStrategy):
         assert self.accelerator is not None and self.lightning_module is not None
         self.accelerator.setup(trainer)
         module = self.lightning_module
+        if self.layout_mode == "auto" and not self._auto_chosen:
+            self._choose_layout(trainer)
         if self._parallelized_module is not module:
             module = self.precision_plugin.convert_module(module)
             if materialize.is_empty(module):

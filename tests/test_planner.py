@@ -72,3 +72,24 @@ def test_candidates_cover_the_layouts_of_a_world():
     assert all(o.tp <= 4 for o in options)  # tensor groups stay inside a node
     assert any(o.sharding == "hybrid" and o.dp_shard == 4 for o in options if o.dp == 8)
     json.dumps([o.arguments() for o in options])  # plain values: a YAML file can hold them
+
+
+def test_layout_auto_trains_on_the_planners_first_layout():
+    from lightning_parallel import parity
+    from tests.harness import reference, run
+
+    # Lightning's batch size is per data-parallel rank: the tiny GPT on 2 CPU processes goes
+    # fastest per sample at dp=2, which trains as one process does on the batch of 8.
+    record = run({**GPT, "devices": 2, "strategy": {"layout": "auto"}})
+    assert "layout='auto' chose pp=1 x dp=2 x tp=1" in record["output"], record["output"][-3000:]
+    assert "HybridParallel layout pp=1 x dp=2 x tp=1 on 2 processes" in record["output"]
+    parity.assert_parity(reference(GPT), record)
+
+
+def test_layout_auto_refuses_degrees_given_too():
+    from lightning_parallel import HybridParallel, LayoutError
+
+    with pytest.raises(LayoutError, match="layout='auto' chooses .* but tensor_parallel, sharding were given too"):
+        HybridParallel(layout="auto", tensor_parallel=2, sharding="full")
+    with pytest.raises(LayoutError, match="machine='tpu' is not a planner preset"):
+        HybridParallel(layout="auto", machine="tpu")
