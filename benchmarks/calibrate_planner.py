@@ -137,7 +137,7 @@ def report(rows: list[dict]) -> str:
               "  all-reduces per block and micro-batch, forward and backward) is still underestimated.",
               "- Pipelines: a rank idle in the bubble gives its core to the others, so on shared cores the bubble",
               "  costs less than (P-1)/M of the step; the preset does not model this, and overestimates pp.",
-              "- Many-process runs (8 on 2 cores) pay scheduling the model does not count (dp=8 full: -49%)."]
+              "- Many-process runs (8 on 2 cores) pay scheduling the model does not count (dp=8 full above)."]
     return "\n".join(lines) + "\n"
 
 

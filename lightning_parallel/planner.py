@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_parallel.data_parallel import data_parallel_units
 from lightning_parallel.layout import Layout, LayoutError
@@ -540,8 +541,56 @@ def _saved_bytes(model: _Model, micro_batch, activation_checkpointing: str) -> t
 
 @contextmanager
 def _on_meta() -> Iterator[None]:
-    with torch.device("meta"):
+    with torch.device("meta"), _FusedAttention(None):
         yield
+
+
+class _StepCost(OpCost):
+    """The pipeline balancer's op pricing, with views (which move no data) at the overhead alone:
+    for the time of a whole step, not only the ratio between stages."""
+
+    def _price(self, func, args, kwargs, out) -> float:
+        if func.is_view or func.overloadpacket.__name__ == "_unsafe_view":  # a view that aten does not mark
+            return self.hardware.seconds_per_op
+        return super()._price(func, args, kwargs, out)
+
+
+class _FusedAttention(TorchFunctionMode):
+    """`scaled_dot_product_attention` as fused kernels run it (flash on GPUs, torch's flash kernel
+    on CPU): the S x S scores are never stored. On meta, torch would decompose it into math ops
+    that store them, which would count neither the time nor the memory a run spends. Priced by its
+    FLOPs and its inputs' and output's bytes; keeps q, k, v and the output for the backward."""
+
+    def __init__(self, counter: Optional[OpCost]) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value = args[:3]
+        if self.counter is not None:
+            *batch, heads, length, width = query.shape
+            causal = kwargs.get("is_causal", False) or kwargs.get("attn_mask") is not None
+            flops = 4 * math.prod(batch) * heads * length * key.shape[-2] * width * (0.5 if causal else 1.0)
+            nbytes = sum(t.numel() * t.element_size() for t in (query, key, value, query))
+            hw = self.counter.hardware
+            self.counter.seconds += max(flops / hw.flops_per_s, nbytes / hw.bytes_per_s) + hw.seconds_per_op
+        return _AttentionStandIn.apply(query, key, value)  # the mode is off inside its own handler
+
+
+class _AttentionStandIn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        ctx.save_for_backward(query, key, value, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
 
 
 # ----------------------------------------------------------------- step time
@@ -571,8 +620,8 @@ def _model_seconds(model: _Model, micro_batch, machine: Machine, devices_in_use:
     if key not in model.cuts:
         module = copy.deepcopy(model.module)
         entry_name, args, kwargs = capture_call(module, model.step, micro_batch, 0)
-        counter = OpCost(machine.hardware(devices_in_use))
-        with counter:
+        counter = _StepCost(machine.hardware(devices_in_use))
+        with counter, _FusedAttention(counter):
             out = module.get_submodule(entry_name)(*args, **kwargs)
         forward = counter.seconds
         model.cuts[key] = 3 * forward  # backward costs about twice the forward
@@ -627,7 +676,7 @@ def _tensor_bytes_at(model: _Model, micro_batch, names: list[str], where: str) -
                 target.register_forward_pre_hook(record)
             else:
                 target.register_forward_hook(record)
-        with torch.no_grad():
+        with torch.no_grad(), _FusedAttention(None):
             module.get_submodule(entry_name)(*args, **kwargs)
         model.cuts[key] = found
     return model.cuts[key]
