@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-slow bench clean
 
 venv: $(INSTALLED)
 
@@ -20,6 +20,9 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(INSTALLED)
+	$(PYTHON) -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) lightning_logs

@@ -26,9 +26,10 @@ def _large_run(model: str, build: str) -> dict:
                     trainer=dict(num_sanity_val_steps=1)))
 
 
-@pytest.mark.parametrize("model, build", [("tests.models:large_gpt", "empty"),
-                                          ("tests.models:large_configured_gpt", "init")],
-                         ids=["init_module_empty", "configure_model"])
+@pytest.mark.parametrize("model, build", [
+    pytest.param("tests.models:large_gpt", "empty", id="init_module_empty"),
+    pytest.param("tests.models:large_configured_gpt", "init", id="configure_model", marks=pytest.mark.slow),
+])
 def test_a_model_no_rank_can_hold_trains_with_each_rank_allocating_its_share(model, build, monkeypatch):
     # glibc's allocator keeps freed blocks of up to 32 MB in its heap: resident memory would
     # count what a step freed as held. A fixed threshold returns them, so RSS tracks live memory.

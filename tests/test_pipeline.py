@@ -86,7 +86,7 @@ def test_explicit_split_accumulation_and_binding_clip():
     assert unclipped["losses"][-1] != pytest.approx(ref["losses"][-1], rel=1e-2)
 
 
-@pytest.mark.parametrize("sharding", ["none", "full"])
+@pytest.mark.parametrize("sharding", [pytest.param("none", marks=pytest.mark.slow), "full"])
 def test_3d_dp2_tp2_pp2(sharding):
     ref = reference(GPT)
     strategy = {"pipeline_parallel": 2, "data_parallel": 2, "tensor_parallel": 2, "sharding": sharding,
