@@ -36,6 +36,8 @@ SEQ = 8192
 CASES = [
     ("8B", 8, "8xh100", dict(dp=8, sharding="full", dp_shard=8), 2, "selective", 5762, 82.4,
      "torchtitan H100 2024-12, Table 1 (FSDP, no compile)"),
+    ("8B", 64, "8xh100", dict(dp=64, sharding="full", dp_shard=64), 2, "selective", 5605, 67.0,
+     "nearest published: torchtitan H100 2024-12, Table 3 (128 GPUs, FSDP, no compile)"),
     ("8B", 64, "8xa100", dict(dp=64, sharding="full", dp_shard=64), 1, "selective", 2973, None,
      "torchtitan docs/performance.md, 64 A100 (FSDP, selective op AC)"),
     ("70B", 64, "8xa100", dict(dp=64, sharding="full", dp_shard=64), 1, "full", 323, None,
