@@ -109,7 +109,7 @@ def main() -> None:
                      f"{r['predicted_tps_per_gpu']:,.0f} | {published} | {r['predicted_gib']:.1f} | {gib} | {r['source']} |")
     lines += ["", "Throughput: the compute model is counted FLOPs and bytes per op at the preset's sustained rates",
               "(H100 600 TFLOP/s, A100 220 TFLOP/s in bf16), attention priced as a fused kernel; it lands within",
-              "5% of the A100 figures and 30% above the H100 one (that H100 run was power-capped at 500 W, which the",
+              "5% of the A100 figures and 30-34% above the H100 ones (those runs were power-capped at 500 W, which the",
               "preset does not know). Memory: the prediction is parameters, gradients, optimizer state, saved",
               "activations and the gathered units; the published peaks also hold the caching allocator's reserve,",
               "the fp32 logits of the loss and its gradient (about 8 GiB each at 16,384 tokens x 128,256 words) and",
