@@ -77,8 +77,18 @@ def start_reason(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_env() -> dict:
-    """The environment of a client of the local cluster, started here if it is not up."""
+def slurm_env():
+    """The environment of a client of the local cluster. A cluster this fixture starts, it stops
+    after the module's tests; one that was up already (.ci/run's) stays up."""
+    was_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, text=True).returncode == 0
+    try:
+        yield _started_cluster_env()
+    finally:
+        if not was_up:
+            subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, text=True, timeout=300)
+
+
+def _started_cluster_env() -> dict:
     started = time.monotonic()
     proc = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, timeout=900)
     if proc.returncode == 1 and os.environ.get("CI") == "true":
