@@ -194,12 +194,6 @@ def _resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_resident_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
 def _worker(spec_file: str, out_file: str) -> None:
     import lightning.pytorch as pl
     import torch.distributed as dist
@@ -207,6 +201,7 @@ def _worker(spec_file: str, out_file: str) -> None:
 
     import lightning_parallel
     from lightning_parallel import checkpoint
+    from lightning_parallel.throughput import resident_peak_bytes
 
     rss_after_imports = _resident_bytes()
     spec = json.loads(Path(spec_file).read_text())
@@ -216,7 +211,7 @@ def _worker(spec_file: str, out_file: str) -> None:
 
     class Recorder(pl.Callback):
         def on_train_start(self, trainer, module):
-            record["setup_peak_rss"] = _per_rank(_peak_resident_bytes())  # setup and sanity validation
+            record["setup_peak_rss"] = _per_rank(resident_peak_bytes())  # setup and sanity validation
             record["summary_total_params"] = ModelSummary(module).total_parameters
             record["elements_held"] = _per_rank(_elements_held(module))
 
@@ -268,7 +263,7 @@ def _worker(spec_file: str, out_file: str) -> None:
     for probe in probes:
         record.update(getattr(probe, "record", {}))
     record["rss_after_imports"] = _per_rank(rss_after_imports)
-    record["peak_rss"] = _per_rank(_peak_resident_bytes())
+    record["peak_rss"] = _per_rank(resident_peak_bytes())
     if not spec.get("record_params", True):
         params = {}
     elif isinstance(trainer.strategy, lightning_parallel.HybridParallel):
