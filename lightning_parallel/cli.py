@@ -142,7 +142,7 @@ def _from_config(args):
     world = cfg.trainer.get("devices", 1) * cfg.trainer.get("num_nodes", 1)
     layout = Layout.resolve(world, strategy.get("data_parallel", "auto"), strategy.get("tensor_parallel", 1),
                             strategy.get("pipeline_parallel", 1))
-    size = planner._batch_size(per_rank)
+    size = planner.batch_size(per_rank)
     global_batch = args.global_batch or size * layout.dp
     batch = tree_map(lambda t: torch.empty((global_batch, *t.shape[1:]), dtype=t.dtype, device="meta")
                      if isinstance(t, torch.Tensor) else t, per_rank)

@@ -18,7 +18,7 @@ import copy
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
@@ -28,11 +28,12 @@ from torch.overrides import TorchFunctionMode
 from lightning_parallel.data_parallel import data_parallel_units
 from lightning_parallel.layout import Layout, LayoutError
 from lightning_parallel.pipeline import cut_stages
-from lightning_parallel.pipeline.cost import Hardware, OpCost
+from lightning_parallel.pipeline.cost import CPU, Hardware, OpCost
 from lightning_parallel.pipeline.runner import capture_call, split_batch
 from lightning_parallel.pipeline.schedules import SCHEDULES, stages_of_rank
 from lightning_parallel.tensor_parallel import resolve_plan
 from lightning_parallel.tensor_parallel.styles import canonical
+from lightning_parallel.throughput import first_tensor
 
 GiB = 1024**3
 
@@ -94,6 +95,16 @@ class Option:
     @property
     def layout(self) -> Layout:
         return Layout(pp=self.pp, dp=self.dp, tp=self.tp, dp_shard=self.dp_shard)
+
+    @property
+    def schedule_spec(self):
+        """The schedule a run takes; one stage runs as 1F1B."""
+        return SCHEDULES[self.schedule if self.pp > 1 else "1f1b"]
+
+    @property
+    def micro_batch_count(self) -> int:
+        """Micro-batches per step; one without a pipeline."""
+        return self.micro_batches if self.pp > 1 else 1
 
     def arguments(self) -> dict[str, Any]:
         """HybridParallel's arguments for this option."""
@@ -176,7 +187,7 @@ class _Model:
     step: str
     optimizer_states: int
     tensor_plan: Any
-    cuts: dict = field(default_factory=dict)  # (stages, micro_batches) -> StageCut
+    cache: dict = field(default_factory=dict)  # stage cuts, saved bytes, seconds, tensor sizes
     plans: dict = field(default_factory=dict)  # tp -> resolved tensor plan
 
 
@@ -244,7 +255,7 @@ def plan_per_rank_batch(module: nn.Module, per_rank_batch, world_size: int, mach
     """As `plan`, for a DataLoader whose batch size is per data-parallel rank (Lightning's
     meaning): each layout trains on that batch times its data-parallel degree, so layouts are
     ranked by seconds per sample."""
-    size = _batch_size(per_rank_batch)
+    size = batch_size(per_rank_batch)
     models: dict[int, _Model] = {}
     predictions = []
     for option in candidate_options(world_size, size * world_size, machine.devices_per_node,
@@ -317,14 +328,15 @@ def _pipelines(pp: int, per_rank_batch: int, schedules) -> list[tuple[str, int]]
 def _measure_model(module, batch, precision: str, step: str, tensor_plan) -> _Model:
     if precision not in DTYPE_BYTES:
         raise LayoutError(f"precision={precision!r}: the planner knows {sorted(DTYPE_BYTES)}.")
-    return _Model(module, batch, _batch_size(batch), precision, step, _optimizer_states(module), tensor_plan)
+    return _Model(module, batch, batch_size(batch), precision, step, _optimizer_states(module), tensor_plan)
 
 
-def _batch_size(batch) -> int:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
-    if not leaves:
+def batch_size(batch) -> int:
+    """The samples in a batch: its first tensor's first dim."""
+    tensor = first_tensor(batch)
+    if tensor is None:
         raise LayoutError("The planner needs a batch holding tensors (their first dim is the batch size).")
-    return leaves[0].shape[0]
+    return tensor.shape[0]
 
 
 def _optimizer_states(module: nn.Module) -> int:
@@ -353,14 +365,15 @@ def _check_option(option: Option, model: _Model) -> None:
 
 def _cut(model: _Model, option: Option):
     """The pipeline cut of a run with this option (the same call a run makes), cached."""
-    spec = SCHEDULES[option.schedule] if option.pp > 1 else SCHEDULES["1f1b"]
+    spec = option.schedule_spec
     stages = option.pp * spec.stages_per_rank
-    key = (stages, option.micro_batches if option.pp > 1 else 1, option.dp)
-    if key not in model.cuts:
+    key = (stages, option.micro_batch_count, option.dp)
+    if key not in model.cache:
         per_rank = _per_rank_batch(model.batch, option.dp)
-        model.cuts[key] = cut_stages(model.module, model.step, per_rank, option.pp if option.pp > 1 else 1, spec,
-                                     option.micro_batches if option.pp > 1 else 1, "auto", _COUNTING)
-    return model.cuts[key]
+        # CPU's rates serve for counting only: the cut needs cost ratios between stages.
+        model.cache[key] = cut_stages(model.module, model.step, per_rank, option.pp, spec,
+                                      option.micro_batch_count, "auto", CPU)
+    return model.cache[key]
 
 
 def _per_rank_batch(batch, dp: int):
@@ -376,16 +389,12 @@ def _tensor_plan(model: _Model, tp: int) -> dict[str, str]:
     return model.plans[tp]
 
 
-# Counting only (cost ratios between stages); the machine's own rates price the step.
-_COUNTING = Hardware("counting", 1.0e11, 3.0e10, 5e-6)
-
-
 # ----------------------------------------------------------------- memory
 
 
 def _memory(model: _Model, option: Option, machine: Machine) -> Memory:
     cut = _cut(model, option)
-    spec = SCHEDULES[option.schedule] if option.pp > 1 else SCHEDULES["1f1b"]
+    spec = option.schedule_spec
     plan = _tensor_plan(model, option.tp)
     styles = _parameter_styles(model.module, plan)
     params_by_rank = []
@@ -505,8 +514,8 @@ def _counting_saved(totals: dict) -> Iterator[None]:
 def _saved_bytes(model: _Model, micro_batch, activation_checkpointing: str) -> tuple[float, float]:
     """Bytes autograd keeps from the forward of one micro-batch (the whole model), and the most
     one trunk block keeps (what full checkpointing recomputes at once)."""
-    key = ("saved", activation_checkpointing, _batch_size(micro_batch))
-    cache = model.cuts
+    key = ("saved", activation_checkpointing, batch_size(micro_batch))
+    cache = model.cache
     if key in cache:
         return cache[key]
     module = copy.deepcopy(model.module)
@@ -598,10 +607,10 @@ class _AttentionStandIn(torch.autograd.Function):
 
 def _step_time(model: _Model, option: Option, machine: Machine) -> StepTime:
     cut = _cut(model, option)
-    spec = SCHEDULES[option.schedule] if option.pp > 1 else SCHEDULES["1f1b"]
+    spec = option.schedule_spec
     per_rank = _per_rank_batch(model.batch, option.dp)
     micro = per_rank if option.pp == 1 else split_batch(per_rank, option.micro_batches)[0]
-    m = option.micro_batches if option.pp > 1 else 1
+    m = option.micro_batch_count
     on_node = min(option.layout.world_size, machine.devices_per_node)
     micro_seconds = _model_seconds(model, micro, machine, on_node)  # forward + backward of the whole model
     recompute = {"none": 0.0, "selective": 0.1, "full": 1 / 3}[option.activation_checkpointing]
@@ -616,16 +625,16 @@ def _step_time(model: _Model, option: Option, machine: Machine) -> StepTime:
 
 
 def _model_seconds(model: _Model, micro_batch, machine: Machine, devices_in_use: int) -> float:
-    key = ("seconds", machine.name, devices_in_use, _batch_size(micro_batch))
-    if key not in model.cuts:
+    key = ("seconds", machine.name, devices_in_use, batch_size(micro_batch))
+    if key not in model.cache:
         module = copy.deepcopy(model.module)
         entry_name, args, kwargs = capture_call(module, model.step, micro_batch, 0)
         counter = _StepCost(machine.hardware(devices_in_use))
         with counter, _FusedAttention(counter):
             out = module.get_submodule(entry_name)(*args, **kwargs)
         forward = counter.seconds
-        model.cuts[key] = 3 * forward  # backward costs about twice the forward
-    return model.cuts[key]
+        model.cache[key] = 3 * forward  # backward costs about twice the forward
+    return model.cache[key]
 
 
 def _bubble(option: Option, m: int) -> float:
@@ -659,8 +668,8 @@ def _input_bytes(model: _Model, micro_batch, names: list[str]) -> list[float]:
 
 def _tensor_bytes_at(model: _Model, micro_batch, names: list[str], where: str) -> list[float]:
     """Bytes of the tensors the named modules take (or return) in a forward of one micro-batch."""
-    key = (where, tuple(names), _batch_size(micro_batch))
-    if key not in model.cuts:
+    key = (where, tuple(names), batch_size(micro_batch))
+    if key not in model.cache:
         module = copy.deepcopy(model.module)
         entry_name, args, kwargs = capture_call(module, model.step, micro_batch, 0)
         found: list[float] = []
@@ -678,8 +687,8 @@ def _tensor_bytes_at(model: _Model, micro_batch, names: list[str], where: str) -
                 target.register_forward_hook(record)
         with torch.no_grad(), _FusedAttention(None):
             module.get_submodule(entry_name)(*args, **kwargs)
-        model.cuts[key] = found
-    return model.cuts[key]
+        model.cache[key] = found
+    return model.cache[key]
 
 
 def _send_seconds(model: _Model, cut, option: Option, machine: Machine, micro_batch) -> float:
@@ -737,4 +746,4 @@ def format_plan(predictions: list[Prediction], top: int = 10) -> str:
 
 
 __all__ = ["MACHINES", "Machine", "Option", "Prediction", "build_on_meta", "candidate_options", "format_plan",
-           "meta_copy", "plan", "plan_per_rank_batch", "predict", "replace"]
+           "batch_size", "meta_copy", "plan", "plan_per_rank_batch", "predict"]
