@@ -1,5 +1,6 @@
 """Bad configurations fail at once, on every rank, with a message naming the problem and the fix."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -93,15 +94,22 @@ def test_registered_with_lightning():
 
 
 def test_every_rank_fails_before_any_collective(tmp_path):
-    """Under torchrun each rank builds its own Trainer: all of them must raise, none may hang."""
+    """Under torchrun each rank builds its own Trainer: all of them must raise, none may hang. The
+    ranks start as torchrun starts them (its environment), without its agent, which would stop
+    the second rank as soon as the first failed."""
     script = tmp_path / "bad.py"
     script.write_text(textwrap.dedent("""
         import lightning.pytorch as pl
         from lightning_parallel import HybridParallel
         pl.Trainer(accelerator="cpu", devices=2, strategy=HybridParallel(data_parallel=3))
     """))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert proc.returncode != 0
-    output = proc.stdout + proc.stderr
-    assert output.count("but the world size (devices x num_nodes) is 2") == 2, output[-3000:]
+    ranks = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "TORCHELASTIC_RUN_ID": "bad"}
+        ranks.append(subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for rank, proc in enumerate(ranks):
+        output, _ = proc.communicate(timeout=180)
+        assert proc.returncode != 0, f"rank {rank} did not fail:\n{output[-3000:]}"
+        assert "but the world size (devices x num_nodes) is 2" in output, f"rank {rank}:\n{output[-3000:]}"

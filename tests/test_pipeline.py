@@ -96,7 +96,7 @@ def test_3d_dp2_tp2_pp2(sharding):
     assert "HybridParallel layout pp=2 x dp=2 x tp=2 on 8 processes" in par["output"]
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b"])
+@pytest.mark.parametrize("schedule", ["1f1b", pytest.param("interleaved_1f1b", marks=pytest.mark.slow)])
 def test_resharding_per_micro_batch(schedule):
     """Each block gathered and its gradients reduce-scattered for every micro-batch: the same
     training, with fewer parameters and gradients held in full at a time."""

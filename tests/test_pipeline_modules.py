@@ -104,8 +104,14 @@ def assert_loss_only_parameters_trained(spec, ref, par):
                                           f"{before[name]}) vs one process's {ref['params'][name]}")
 
 
-@pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("name", PP2_MODELS)
+# Every schedule for the two models with bare and loss-only parameters; the ViT-style and Hugging
+# Face models under 1F1B in `make test`, under the other schedules in `make test-slow`.
+EVERY_SCHEDULE = ("LlamaStyle", "LearnedNoise")
+PP2_CASES = [pytest.param(name, schedule, marks=() if name in EVERY_SCHEDULE or schedule == "1f1b" else pytest.mark.slow)
+             for name in PP2_MODELS for schedule in SCHEDULES]
+
+
+@pytest.mark.parametrize("name, schedule", PP2_CASES)
 def test_every_schedule_pp2(name, schedule):
     spec = case(name)
     ref = reference(spec)
@@ -204,7 +210,7 @@ def test_unet_pp2():
 # Every schedule: the runs are the ones test_every_schedule_pp2 made (run_once), nothing new to train
 # when the whole file runs.
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("name", ["LearnedNoise", "LlamaStyle"])
+@pytest.mark.parametrize("name", EVERY_SCHEDULE)
 def test_every_parameter_trained_none_silently_frozen(name, schedule):
     """Each parameter that one process trains is trained the same pipelined, name by name (a
     refused layout would fail the run with its error instead: never a silent freeze)."""
