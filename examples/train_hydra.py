@@ -1,8 +1,9 @@
-"""The main job as a Hydra app: the same configs/ files and `main` as examples/train.py, composed
-by Hydra (pip install -e ".[hydra]").
+"""The main job as a Hydra app: the same configs/ files and `main` as examples/train.py, which
+hands Hydra's flags (--multirun, --cfg, --info, ...) to this script.
 
     python examples/train_hydra.py strategy=dp trainer.devices=2
     python examples/train_hydra.py --multirun strategy=dp,tp trainer.devices=2 trainer.max_steps=20
+    python examples/train_hydra.py --cfg job +experiment=pp_small   # the composed config, nothing run
 
 Run directories go under runs/hydra/ (configs/train.yaml, `hydra:`); the working directory stays.
 """
@@ -15,6 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+# Imported before Hydra configures logging, so that Lightning keeps its own console handler (else
+# each of its messages prints twice, through it and through Hydra's).
 from train import exit_on_config_error, main
 
 SWEEP_FLAGS = ("-m", "--multirun")

@@ -1,31 +1,32 @@
-"""Composable configs without Hydra, and objects built from their `_target_` keys.
+"""Configs composed and built by Hydra, checked against their targets' annotations first.
 
-`compose` reads a primary YAML file whose `defaults:` list names one option of each config
-group (`- strategy: 3d` means `strategy/3d.yaml` beside it, placed under the key `strategy`),
-as Hydra composes the same files. Command-line words follow Hydra's basic syntax:
-`strategy=dp` picks another option of a group, `strategy.sharding=full` overrides a key that
-exists, `+strategy.loss_parallel=true` adds one.
+`compose` composes a primary YAML file and command-line overrides with Hydra's Compose API, so
+every form of Hydra's override grammar works as under a Hydra app: `group=option`, `key=value`,
+`+key=value`, `++key=value`, `~key`, `group@package=option`, `+experiment=x` (whose defaults may
+`override` a group) and interpolation between groups. Nothing is written to disk and the working
+directory stays, so every rank of a run (torchrun, srun, Lightning's launcher) composes the same.
 
-`instantiate` builds a node's `_target_` with its other keys as keyword arguments, after
-checking every value against the target's annotations, so a wrong key, type or value fails in
-the launching process, before any worker starts, with a message naming the key and the fix.
+`instantiate` checks each `_target_` node's values against the annotations of the argument they
+go to, then builds it with `hydra.utils.instantiate`. A wrong key, type or value fails in the
+launching process, before any worker starts, with a message naming the key and the fix.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import hydra
+from hydra.errors import (ConfigCompositionException, HydraException, InstantiationException, MissingConfigException,
+                          OverrideParseException)
 from omegaconf import DictConfig, OmegaConf
 
-SELF = "_self_"
-_ABSENT = object()
 _UNIONS = (Union, types.UnionType)
 
 
@@ -37,82 +38,50 @@ class ConfigError(ValueError):
 
 
 def compose(primary: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The primary config with its defaults list resolved and the command-line overrides applied."""
-    primary = Path(primary)
-    root = OmegaConf.load(primary)
-    root.pop("hydra", None)  # Hydra's own settings, for runs under Hydra only
-    defaults = parse_defaults(root.pop("defaults", []), primary)
-    choices, assignments = split_overrides(overrides, {group for group, _ in defaults if group != SELF})
-    config = OmegaConf.create()
-    for group, option in defaults:
-        if group == SELF:
-            config = OmegaConf.merge(config, root)
-        else:
-            config = OmegaConf.merge(config, {group: load_option(primary.parent, group, choices.get(group, option))})
-    for assignment in assignments:
-        config = apply_override(config, assignment)
-    return config
+    """The primary config composed by Hydra with the command-line overrides (without `hydra:`)."""
+    primary = Path(primary).resolve()
+    try:
+        with hydra.initialize_config_dir(config_dir=str(primary.parent), version_base="1.3"):
+            return hydra.compose(config_name=primary.stem, overrides=list(overrides))
+    except HydraException as err:
+        raise ConfigError(_composition_message(err, primary, list(overrides))) from err
 
 
-def parse_defaults(entries: Iterable, primary: Path) -> list[tuple[str, str]]:
-    """[(group, option), ...] in merge order; `_self_` (the primary file's own keys) is last unless listed."""
-    defaults = []
-    for entry in entries:
-        if entry == SELF:
-            defaults.append((SELF, SELF))
-        elif isinstance(entry, DictConfig) and len(entry) == 1:
-            (group, option), = entry.items()
-            defaults.append((str(group), str(option)))
-        else:
-            raise ConfigError(
-                f"{primary}: the defaults entry {entry!r} is not understood here; use `- group: option` or `- _self_`."
-            )
-    if (SELF, SELF) not in defaults:
-        defaults.append((SELF, SELF))
-    return defaults
+def _composition_message(err: HydraException, primary: Path, overrides: list[str]) -> str:
+    """Hydra's reason in our words where we have better ones (the key's neighbours, the fix)."""
+    text = str(err)
+    if isinstance(err, OverrideParseException):
+        word = re.search(r"Error parsing override '(.*)'", text)
+        word = word[1] if word else " ".join(overrides)
+        return (f"{word!r} is not an override: write key=value (e.g. trainer.devices=2), group=option "
+                f"(e.g. strategy=dp), +key=value to add a key or ~key to remove one. Hydra says: {text.splitlines()[1]}")
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options is not None:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        path = primary.parent / group / f"{option}.yaml"
+        return f"{group}={option}: there is no {path}. Choose one of: {', '.join(sorted(err.options))}."
+    if isinstance(err, ConfigCompositionException):
+        missing = re.match(r"Could not override '(.*)'\.", text) or re.match(r"Could not delete from config\. '(.*)' does", text)
+        if missing:
+            key = missing[1]
+            word = next((w for w in overrides if w.lstrip("+~").split("=", 1)[0] == key), None)
+            if word is None:
+                return text
+            others = compose(primary, [w for w in overrides if w != word])
+            return unknown_key_message(others, key, word)
+    return text
 
 
-def split_overrides(overrides: Sequence[str], groups: set[str]) -> tuple[dict[str, str], list[str]]:
-    """Group choices ({group: option}) and key assignments, in command-line order."""
-    choices, assignments = {}, []
-    for word in overrides:
-        key, equals, value = word.partition("=")
-        if not equals:
-            raise ConfigError(f"{word!r} is not an override: write key=value (e.g. trainer.devices=2) or group=option.")
-        if key in groups:
-            choices[key] = value
-        else:
-            assignments.append(word)
-    return choices, assignments
-
-
-def load_option(config_dir: Path, group: str, option: str) -> DictConfig:
-    path = config_dir / group / f"{option}.yaml"
-    if not path.is_file():
-        options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-        raise ConfigError(f"{group}={option}: there is no {path}. Choose one of: {', '.join(options)}.")
-    return OmegaConf.load(path)
-
-
-def apply_override(config: DictConfig, assignment: str) -> DictConfig:
-    """Sets one `key=value` (value parsed as YAML). The key must exist, unless written `+key=value`."""
-    key, _, value = assignment.partition("=")
-    adding = key.startswith("+")
-    key = key.lstrip("+")
-    if not adding and OmegaConf.select(config, key, default=_ABSENT, throw_on_resolution_failure=False) is _ABSENT:
-        raise ConfigError(unknown_key_message(config, key, value))
-    return OmegaConf.merge(config, OmegaConf.from_dotlist([f"{key}={value}"]))
-
-
-def unknown_key_message(config: DictConfig, key: str, value: str) -> str:
+def unknown_key_message(config: DictConfig, key: str, word: str) -> str:
+    """`word` (an override) names `key`, which `config` does not have."""
     parent_key, _, name = key.rpartition(".")
     parent = OmegaConf.select(config, parent_key) if parent_key else config
     siblings = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
     where = f"under {parent_key}" if parent_key else "at the top level"
-    return (
-        f"{key}={value}: the config has no key {key}{did_you_mean(name, siblings, parent_key)}. "
-        f"Keys {where}: {', '.join(siblings) or 'none'}. To add a new key, write +{key}={value}."
-    )
+    message = (f"{word}: the config has no key {key}{did_you_mean(name, siblings, parent_key)}. "
+               f"Keys {where}: {', '.join(siblings) or 'none'}.")
+    if not word.startswith("~"):
+        message += f" To add a new key, write +{word}."
+    return message
 
 
 def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
@@ -124,52 +93,67 @@ def did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
 
 
 def instantiate(config: DictConfig | dict, key: str, **extra: Any) -> Any:
-    """Builds `config._target_(**other keys, **extra)`. `key` is the config's path, for messages."""
-    kwargs = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
-    target_name = kwargs.pop("_target_", None)
-    if target_name is None:
-        raise ConfigError(f"{key} has no _target_: add `_target_: package.module.Class` to say what it builds.")
-    target = import_target(target_name, key)
-    kwargs = {name: build_nested(value, f"{key}.{name}") for name, value in kwargs.items()}
-    check_types(target, target_name, kwargs, key)
+    """`hydra.utils.instantiate(config, **extra)` after `check(config, key)`. `key` is the
+    config's path, for messages. Containers reach the target as plain dicts and lists."""
+    values = check(config, key)
     try:
-        return target(**kwargs, **extra)
-    except TypeError as err:
-        unknown = unexpected_keyword(err)
-        if unknown in kwargs:
-            raise ConfigError(unknown_argument_message(target, target_name, key, unknown, kwargs[unknown])) from err
-        raise ConfigError(f"In {key} ({target_name}): {err}") from err
-    except ValueError as err:  # LayoutError among them
-        raise ConfigError(f"In {key} ({target_name}): {err}") from err
+        return hydra.utils.instantiate(config, _convert_="all", **extra)
+    except InstantiationException as err:
+        cause, target_name = err.__cause__, values["_target_"]
+        unknown = unexpected_keyword(cause) if isinstance(cause, TypeError) else None
+        if unknown in values:
+            target = import_target(target_name, key)
+            raise ConfigError(unknown_argument_message(target, target_name, key, unknown, values[unknown])) from cause
+        raise ConfigError(f"In {key} ({target_name}): {cause or err}") from err
 
 
-def build_nested(value: Any, key: str) -> Any:
-    """Values that are configs with a `_target_` of their own (e.g. a logger) are built too."""
-    if isinstance(value, dict) and "_target_" in value:
-        return instantiate(value, key)
-    if isinstance(value, list):
-        return [build_nested(item, f"{key}[{i}]") for i, item in enumerate(value)]
-    return value
+def check(config: DictConfig | dict, key: str) -> dict:
+    """Refuses a node without a `_target_`, a target that cannot be imported, and a value that does
+    not fit its argument's annotation, in nested `_target_` nodes too. Returns the resolved values."""
+    values = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    if "_target_" not in values:
+        raise ConfigError(f"{key} has no _target_: add `_target_: package.module.Class` to say what it builds.")
+    _check_node(values, key)
+    return values
+
+
+def _check_node(values: dict, key: str) -> None:
+    target_name = values["_target_"]
+    target = import_target(target_name, key)
+    arguments = {}
+    for name, value in values.items():
+        if name.startswith("_") and name.endswith("_"):
+            continue  # Hydra's own keys: _target_, _convert_, _partial_, _args_, _recursive_
+        if _builds(value):
+            for i, node in _nodes(value):
+                _check_node(node, f"{key}.{name}{i}")
+        else:
+            arguments[name] = value
+    check_types(target, target_name, arguments, key)
+
+
+def _builds(value: Any) -> bool:
+    """Whether Hydra builds `value` (a `_target_` node, or a list of them) before passing it on."""
+    if isinstance(value, dict):
+        return "_target_" in value
+    return isinstance(value, list) and any(isinstance(item, dict) and "_target_" in item for item in value)
+
+
+def _nodes(value: Any) -> list[tuple[str, dict]]:
+    if isinstance(value, dict):
+        return [("", value)]
+    return [(f"[{i}]", item) for i, item in enumerate(value) if isinstance(item, dict) and "_target_" in item]
 
 
 def import_target(name: str, key: str) -> Any:
     """`package.module.Attr` (or `module.Class.attr`) as an object."""
-    parts = name.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        try:
-            found = importlib.import_module(".".join(parts[:split]))
-        except ModuleNotFoundError:
-            continue
-        for attribute in parts[split:]:
-            found = getattr(found, attribute, _ABSENT)
-            if found is _ABSENT:
-                break
-        else:
-            return found
-    raise ConfigError(
-        f"{key}._target_={name!r} cannot be imported: write it as package.module.Class, with the module on the "
-        "Python path (the example scripts put examples/ there, so gpt.GPT is examples/gpt.py's GPT)."
-    )
+    try:
+        return hydra.utils.get_object(name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"{key}._target_={name!r} cannot be imported: write it as package.module.Class, with the module on the "
+            "Python path (the example scripts put examples/ there, so gpt.GPT is examples/gpt.py's GPT)."
+        ) from err
 
 
 def unexpected_keyword(err: TypeError) -> str | None:

@@ -131,38 +131,25 @@ class Layout:
     def world_size(self) -> int:
         return self.pp * self.dp * self.tp
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The (pp, dp_replicate, dp_shard, tp) mesh, with "dp" naming the data-parallel ranks
-        as one dim (what a sampler, metrics and Lightning's reductions use)."""
+    def build_mesh(self, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
+        """The (pp, dp_replicate, dp_shard, tp) mesh, and its data-parallel ranks as one dim "dp"
+        (what a sampler, metrics and Lightning's reductions use). Keep the second: slicing a
+        flattened dim out of the root mesh is deprecated."""
         shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         # DeviceMesh has no public way to merge dims in torch 2.13 (_flatten is torchtitan's way too).
         # Modules written for Lightning's ModelParallelStrategy ask for the long names.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
             mesh["dp_replicate", "dp_shard"]._flatten("data_parallel")
             mesh["tp"]._flatten("tensor_parallel")
-        return mesh
+        return mesh, dp_mesh
 
     def __str__(self) -> str:
         if 1 < self.dp_shard < self.dp:
             return f"pp={self.pp} x dp={self.dp} ({self.dp_replicate} replicas x {self.dp_shard} shards) x tp={self.tp}"
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
-
-
-def describe_ranks(layout: Layout, ranks: list[tuple[str, int, list[int]]]) -> str:
-    """One line per rank: its host, its node index and its coordinates in the mesh. `ranks[r]`
-    is rank r's (host name, node rank, (pp, dp_replicate, dp_shard, tp) coordinate). The node
-    index tells nodes apart where host names do not (several emulated nodes on one host)."""
-    lines = [f"HybridParallel layout {layout} on {layout.world_size} processes"]
-    hybrid = 1 < layout.dp_shard < layout.dp
-    for rank, (host, node, (pp, replica, shard, tp)) in enumerate(ranks):
-        where = f"pp={pp} dp={replica * layout.dp_shard + shard} tp={tp}"
-        if hybrid:
-            where += f" (replica {replica}, shard {shard})"
-        lines.append(f"  rank {rank:>3} on {host} (node {node}): {where}")
-    return "\n".join(lines)
 
 
 def tensor_groups_across_nodes(layout: Layout, node_of_rank: Sequence[int]) -> list[list[int]]:

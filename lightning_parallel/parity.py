@@ -162,16 +162,10 @@ def _loaders(spec: dict, train_ds, val_ds):
     return train, DataLoader(val_ds, batch_size=val_batch // dp, shuffle=False)
 
 
-def _local_numel(tensor: torch.Tensor) -> int:
-    """Elements this rank holds of `tensor` (its shard, for a DTensor)."""
-    from torch.distributed.tensor import DTensor
-
-    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel()
-
-
 def _elements_held(module: torch.nn.Module) -> int:
-    # Parameters of other pipeline stages sit on the meta device: they hold nothing.
-    return sum(_local_numel(p) for p in module.parameters() if not p.is_meta)
+    from lightning_parallel.report import local_elements
+
+    return sum(local_elements(p) for p in module.parameters())
 
 
 def _per_rank(value: Any) -> list[Any]:
@@ -201,6 +195,7 @@ def _worker(spec_file: str, out_file: str) -> None:
 
     import lightning_parallel
     from lightning_parallel import checkpoint
+    from lightning_parallel.report import local_elements
     from lightning_parallel.throughput import resident_peak_bytes
 
     rss_after_imports = _resident_bytes()
@@ -220,7 +215,7 @@ def _worker(spec_file: str, out_file: str) -> None:
 
         def on_train_end(self, trainer, module):
             held = sum(
-                _local_numel(v)
+                local_elements(v)
                 for opt in trainer.optimizers for state in opt.state.values() for v in state.values()
                 if isinstance(v, torch.Tensor) and v.dim() > 0
             )

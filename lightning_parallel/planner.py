@@ -31,6 +31,7 @@ from lightning_parallel.pipeline import cut_stages
 from lightning_parallel.pipeline.cost import CPU, Hardware, OpCost
 from lightning_parallel.pipeline.runner import capture_call, split_batch
 from lightning_parallel.pipeline.schedules import SCHEDULES, stages_of_rank
+from lightning_parallel.report import optimizer_states
 from lightning_parallel.tensor_parallel import resolve_plan
 from lightning_parallel.tensor_parallel.styles import canonical
 from lightning_parallel.throughput import first_tensor
@@ -74,8 +75,6 @@ MACHINES = {
                    cores_per_node=2, overlap=0.0),
 }
 
-OPTIMIZER_STATES = {"Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adagrad": 1, "RMSprop": 1,
-                    "Adadelta": 2, "SGD": 1, "ASGD": 2, "Rprop": 2}
 DTYPE_BYTES = {"32-true": 4, "bf16-mixed": 4, "bf16-true": 2, "16-true": 2}
 
 
@@ -348,11 +347,7 @@ def _optimizer_states(module: nn.Module) -> int:
     elif isinstance(configured, (list, tuple)):
         optimizer = configured[0][0] if isinstance(configured[0], (list, tuple)) else configured[0]
         optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-    name = type(optimizer).__name__
-    states = OPTIMIZER_STATES.get(name, 2)
-    if name == "SGD" and not optimizer.defaults.get("momentum"):
-        states = 0
-    return states
+    return optimizer_states(optimizer)
 
 
 def _check_option(option: Option, model: _Model) -> None:

@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_parallel import auto_layout, checkpoint, data_position, export, materialize, weights
+from lightning_parallel import auto_layout, checkpoint, data_position, export, materialize, report, weights
 from lightning_parallel.auto_layout import check_auto_layout
 from lightning_parallel.activation_checkpointing import (
     AC_CHOICES,
@@ -70,7 +70,6 @@ from lightning_parallel.layout import (
     check_sharding,
     check_type,
     default_backend,
-    describe_ranks,
     tensor_groups_across_nodes,
 )
 
@@ -233,6 +232,7 @@ class HybridParallel(ParallelStrategy):
         self.num_nodes = 1
         self._layout: Optional[Layout] = None
         self._device_mesh: Optional[DeviceMesh] = None
+        self._dp_mesh: Optional[DeviceMesh] = None
         self._runner: Optional[torch.nn.Module] = None  # the module every step enters through
         self._pipeline: Optional[PipelineRunner] = None
         self._parallelized_module = None
@@ -240,6 +240,8 @@ class HybridParallel(ParallelStrategy):
         self._failed = False
         self._loaded: set[str] = set()  # tensor names init_from provides
         self._requeue = None  # SLURM's requeue signal, acted on after a later optimizer step (a callback)
+        self._ranks: list[Any] = []  # every rank's (host, node, mesh coordinate)
+        self._report_sections: list[str] = []  # tensor plan and pipeline split, for the start-up report
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -260,6 +262,13 @@ class HybridParallel(ParallelStrategy):
         return self._device_mesh
 
     @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The data-parallel ranks (replicas x shards) as one dim."""
+        if self._dp_mesh is None:
+            raise RuntimeError("The device mesh exists once the processes have started (after setup_environment).")
+        return self._dp_mesh
+
+    @property
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
         return self.parallel_devices[self.local_rank]
@@ -275,8 +284,7 @@ class HybridParallel(ParallelStrategy):
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # Ranks that differ only in their tp or pp coordinate read the same batch.
-        dp_mesh = self.device_mesh["dp"]
-        return {"num_replicas": dp_mesh.size(), "rank": dp_mesh.get_local_rank()}
+        return {"num_replicas": self.dp_mesh.size(), "rank": self.dp_mesh.get_local_rank()}
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -324,10 +332,9 @@ class HybridParallel(ParallelStrategy):
         self._build_mesh()
 
     def _build_mesh(self) -> None:
-        self._device_mesh = self.layout.build_mesh(self.root_device.type)
-        ranks = self._gather_ranks()
-        rank_zero_info(describe_ranks(self.layout, ranks))
-        self._warn_if_tensor_groups_span_nodes([node for _, node, _ in ranks])
+        self._device_mesh, self._dp_mesh = self.layout.build_mesh(self.root_device.type)
+        self._ranks = self._gather_ranks()
+        self._warn_if_tensor_groups_span_nodes([node for _, node, _ in self._ranks])
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh  # as ModelParallelStrategy does
 
@@ -381,16 +388,24 @@ class HybridParallel(ParallelStrategy):
                 materialize.move_real_tensors(module, self.root_device)  # the rest is allocated once sharded
             else:
                 self.model_to_device()
+            self._report_sections = []
             self._runner = self._parallelize(module, trainer)
             self._parallelized_module = module
+            reporting = True
+        else:
+            reporting = False
         self.model = self._runner if self._runner is not None else module
         self._set_metric_groups()
         self.barrier()
-        if trainer.state.fn == TrainerFn.FITTING:
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
             if self._pipeline is not None:
                 drop_other_stages_params(self.optimizers)
+        if reporting:
+            held = report.gather_held(report.held_by(module, self.optimizers, fitting), self.root_device)
+            rank_zero_info(report.startup_report(self.layout, self._ranks, held, self._report_sections))
         self.setup_precision_plugin()
         self._requeue = defer_slurm_requeue(trainer, self.cluster_environment, self.root_device)
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
@@ -428,14 +443,14 @@ class HybridParallel(ParallelStrategy):
             if self.activation_checkpointing != "none" or self.compile:
                 raise LayoutError("The module applied its own parallelism in configure_model: apply activation "
                                   "checkpointing and compile there too, and leave those HybridParallel options unset.")
-            rank_zero_info("HybridParallel: the module applied its own parallelism in configure_model; using it as is.")
+            self._report_sections.append("The module applied its own parallelism in configure_model; used as is.")
             self._fill(module, [module], None, empty)
             return None
         layout = self.layout
         plan = None
         if layout.tp > 1 and not callable(self.tensor_plan):
             source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel, self.loss_parallel)
-            rank_zero_info(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
+            self._report_sections.append(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
         if not empty:
             broadcast_module_state(module)
 
@@ -466,13 +481,13 @@ class HybridParallel(ParallelStrategy):
             for stage in split.stage_modules:
                 stage.publish_parameters()
             self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
-                                            self.device_mesh["pp"].get_group(), self.device_mesh["dp"].get_group(),
+                                            self.device_mesh["pp"].get_group(), self.dp_mesh.get_group(),
                                             self.root_device, self.reshard_per_micro_batch)
             return None
         runner = StepRunner(module) if layout.dp > 1 else None
         if runner is not None and layout.dp_shard == 1 and layout.tp == 1:
             self._fill(module, [runner], None, empty)  # DDP wants values: it broadcasts rank 0's
-            return replicate_with_ddp(runner, self.device_mesh["dp"].get_group(), self.root_device, self.reduce_dtype)
+            return replicate_with_ddp(runner, self.dp_mesh.get_group(), self.root_device, self.reduce_dtype)
         if runner is not None:
             apply_data_parallel(runner, dp_mesh, mp_policy)
         self._fill(module, [runner or module], None, empty)
@@ -508,7 +523,7 @@ class HybridParallel(ParallelStrategy):
         split = split_model(module, step, batch, self.layout.pp, self.device_mesh["pp"].get_local_rank(),
                             self._schedule_spec, self.micro_batches, self.pipeline_split, hardware_for(self.root_device),
                             agree=self.broadcast)
-        rank_zero_info(split.report)
+        self._report_sections.append(split.report)
         return split
 
     def _probe(self, trainer):
@@ -534,7 +549,7 @@ class HybridParallel(ParallelStrategy):
             return
         if self._metric_group is None:
             dims = ("pp", "dp_replicate", "dp_shard")
-            mesh = self.device_mesh[dims]._flatten("pp_dp") if self.layout.pp > 1 else self.device_mesh["dp"]
+            mesh = self.device_mesh[dims]._flatten("pp_dp") if self.layout.pp > 1 else self.dp_mesh
             self._metric_group = mesh.get_group()
         group = self._metric_group
         for sub in self.lightning_module.modules():
@@ -649,7 +664,7 @@ class HybridParallel(ParallelStrategy):
         return bool(votes == self.world_size) if all else bool(votes)
 
     def _dp_group(self):
-        return self._device_mesh["dp"].get_group() if self._device_mesh is not None else None
+        return self._dp_mesh.get_group() if self._dp_mesh is not None else None
 
     # ----------------------------------------------------------------- checkpoints
 

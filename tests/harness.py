@@ -2,11 +2,16 @@
 
 import functools
 import json
+import re
 from pathlib import Path
 
 from lightning_parallel import parity
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# A row of the start-up report's table: rank, host, node, pp, dp, tp, then what the rank holds.
+REPORT_ROW = re.compile(r"^ +(\d+) +\S+ +(\d+) +(\d+) +(\d+) +(\d+) +[\d,]+ +[\d,]+ +[\d,]+ +[\d,.]+$", re.M)
 
 
 def run(spec: dict) -> dict:

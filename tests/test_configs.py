@@ -29,7 +29,8 @@ TODAYS_RUN = {
     "model": {"vocab_size": 256, "seq_len": 64, "d_model": 64, "n_heads": 4, "n_layers": 4, "lr": 3.0e-3},
     "data": {"seq_len": 64, "batch_size": 16, "max_train_samples": 1920, "max_val_samples": 128},
     "trainer": {"accelerator": "cpu", "devices": 4, "num_nodes": 1, "max_steps": 100, "log_every_n_steps": 10,
-                "enable_checkpointing": False, "logger": False},
+                "enable_checkpointing": False, "logger": False,
+                "callbacks": [{"_target_": "lightning_parallel.StepProgressBar"}]},
     "strategy": {"data_parallel": "auto", "tensor_parallel": 2, "pipeline_parallel": 2, "micro_batches": 4,
                  "schedule": "1f1b", "pipeline_split": "auto", "sharding": "none", "async_save": False,
                  "tensor_plan": GPT_PLAN},
@@ -129,6 +130,63 @@ def test_bad_configs_are_refused_with_the_key_and_the_fix(overrides, message):
         build_trainer(overrides)
 
 
+# --------------------------------------------------------------- Hydra's override grammar
+
+# Each form, and what it must have done to the composed config.
+OVERRIDE_FORMS = {
+    "group_option": (["strategy=dp"], lambda c: c["strategy"]["sharding"] == "full"),
+    "dotted": (["trainer.max_steps=7"], lambda c: c["trainer"]["max_steps"] == 7),
+    "add": (["+strategy.loss_parallel=true"], lambda c: c["strategy"]["loss_parallel"] is True),
+    "force_add": (["++trainer.max_steps=9", "++trainer.max_epochs=2"],
+                  lambda c: (c["trainer"]["max_steps"], c["trainer"]["max_epochs"]) == (9, 2)),
+    "delete": (["~trainer.logger"], lambda c: "logger" not in c["trainer"]),
+    "group_at_package": (["+model@teacher=gpt", "teacher.n_layers=8"],
+                         lambda c: (c["teacher"]["n_layers"], c["model"]["n_layers"]) == (8, 4)),
+    "experiment_override": (["+experiment=pp_small"],
+                            lambda c: (c["strategy"]["pipeline_parallel"], c["model"]["n_layers"], c["trainer"]["devices"])
+                            == (2, 2, 2)),
+    "interpolation": (["model.seq_len=32", "trainer.max_steps=${data.batch_size}"],
+                      lambda c: (c["data"]["seq_len"], c["trainer"]["max_steps"]) == (32, 16)),
+}
+
+
+def train_script():
+    """examples/train.py as a module (it composes in `config_from_command_line`)."""
+    spec = importlib.util.spec_from_file_location("examples_train", REPO / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("form", list(OVERRIDE_FORMS))
+def test_each_override_form_composes_the_same_under_both_scripts(form):
+    words, effect = OVERRIDE_FORMS[form]
+    plain = OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+    assert effect(plain), plain
+    code, output, _ = run([sys.executable, "examples/train_hydra.py", "--cfg", "job", "--resolve", *words])
+    assert code == 0, output[-3000:]
+    assert OmegaConf.to_container(OmegaConf.create(output)) == plain
+
+
+def test_hydra_flags_given_to_the_plain_script_reach_the_hydra_app():
+    words = ["+experiment=pp_small", "model.seq_len=32"]
+    code, output, _ = run([sys.executable, "examples/train.py", "--cfg", "job", "--resolve", *words])
+    assert code == 0, output[-3000:]
+    composed = OmegaConf.to_container(OmegaConf.create(output))
+    assert composed == OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+
+
+@pytest.mark.parametrize("words, message", [
+    (["~strategy.micro_batch"], r"^~strategy\.micro_batch: the config has no key strategy\.micro_batch \(did you mean "
+                                r"strategy\.micro_batches\?\)\. Keys under strategy: .*, tensor_plan\.$"),
+    (["+experiment=pp_big"], r"^experiment=pp_big: there is no .*configs/experiment/pp_big\.yaml\. Choose one of: pp_small\.$"),
+    (["strategy=dp,tp"], r"Ambiguous value for argument 'strategy=dp,tp'.*add --multirun"),
+])
+def test_hydra_grammar_mistakes_are_refused_naming_the_override(words, message):
+    with pytest.raises(ConfigError, match=re.compile(message, re.S)):
+        compose(CONFIG, words)
+
+
 # ------------------------------------------------------------------- the plain script
 
 
@@ -180,17 +238,21 @@ def test_hydra_single_run(tmp_path):
 
 
 @needs_hydra
-def test_hydra_refuses_a_bad_config_before_any_worker(tmp_path):
-    command = [sys.executable, "examples/train_hydra.py", "strategy.tensor_parallel=two", f"hydra.run.dir={tmp_path}"]
-    code, output, _ = run(command)
+@pytest.mark.parametrize("word, message", [
+    ("strategy.tensor_parallel=two", "ConfigError: strategy.tensor_parallel='two' is a str"),  # a type
+    ("strategy.micro_batch=8", "Could not override 'strategy.micro_batch'"),  # a key: Hydra's own words
+    ("strategy.schedule=fastest", "ConfigError: In strategy (lightning_parallel.HybridParallel): schedule='fastest'"),
+])
+def test_hydra_refuses_a_bad_config_before_any_worker(tmp_path, word, message):
+    code, output, _ = run([sys.executable, "examples/train_hydra.py", word, f"hydra.run.dir={tmp_path}"])
     assert code == 1
-    assert "ConfigError: strategy.tensor_parallel='two' is a str" in output, output[-3000:]
+    assert message in output, output[-3000:]
     assert not any(marker in output for marker in NO_WORKER_STARTED), output[-3000:]
 
 
 @needs_hydra
 def test_readme_hydra_multirun_sweeps_two_layouts(tmp_path):
-    command = readme_command("examples/train_hydra.py")
+    command = readme_command("examples/train.py --multirun")
     assert "--multirun" in command and "strategy=dp,tp" in command
     code, output, _ = run([*command, f"hydra.sweep.dir={tmp_path}"], timeout=600)
     assert code == 0, output[-3000:]

@@ -50,6 +50,18 @@ def test_predicted_elements_per_rank_match_a_real_run(name):
     assert predicted.memory.params == pytest.approx(held, rel=0.05)
     assert predicted.memory.grads == pytest.approx(held, rel=0.05)  # every parameter trains
     assert predicted.memory.optimizer == pytest.approx(optimizer, rel=0.05)
+    # The start-up report told each rank's parameters and optimizer state before the first step.
+    assert reported(measured["output"], "parameters") == measured["elements_held"]
+    assert reported(measured["output"], "optimizer") == measured["optimizer_elements"]
+
+
+def reported(output, column):
+    """A column of the start-up report's table, per rank."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("HybridParallel layout"))
+    world = int(lines[start].split(" on ")[1].split()[0])
+    from_right = {"parameters": -4, "gradients": -3, "optimizer": -2}[column]
+    return [int(line.split()[from_right].replace(",", "")) for line in lines[start + 2: start + 2 + world]]
 
 
 def test_a_layout_that_does_not_fit_is_refused_with_its_reason():
@@ -93,3 +105,15 @@ def test_layout_auto_refuses_degrees_given_too():
         HybridParallel(layout="auto", tensor_parallel=2, sharding="full")
     with pytest.raises(LayoutError, match="machine='tpu' is not a planner preset"):
         HybridParallel(layout="auto", machine="tpu")
+
+
+def test_plan_command_composes_the_main_jobs_config_with_overrides(capsys):
+    from lightning_parallel import cli
+    from tests.harness import REPO
+
+    cli.main(["plan", "--config", str(REPO / "configs" / "train.yaml"), "--pythonpath", str(REPO / "examples"),
+              "--world", "2", "--machine", "cpu", "model.n_layers=2", "~trainer.logger"])
+    printed = capsys.readouterr().out
+    assert "layouts of 2 devices on CPU (2 cores, gloo), fastest first:" in printed
+    # Two layers of the example GPT, all on each rank at dp=2: the override reached the model.
+    assert "pp=1 x dp=2 x tp=1 none" in printed and "136,832" in printed, printed

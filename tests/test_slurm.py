@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lightning_parallel import parity
-from lightning_parallel.layout import Layout, describe_ranks, tensor_groups_across_nodes
-from tests.harness import REPO, reference, run
+from lightning_parallel.layout import Layout, tensor_groups_across_nodes
+from tests.harness import REPO, REPORT_ROW, reference, run
 
 CLUSTER = REPO / ".ci" / "slurm" / "cluster.sh"
 MULTI_NODE = REPO / "examples" / "slurm" / "multi_node.sbatch"
@@ -20,7 +20,6 @@ ONE_NODE = REPO / "examples" / "slurm" / "one_node.sbatch"
 QUICK = ["trainer.max_steps=10", "model.n_layers=2"]
 JOB_TIMEOUT = 600
 UNFINISHED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "")
-LAYOUT_LINE = re.compile(r"rank +(\d+) on \S+ \(node (\d+)\): pp=(\d+) dp=(\d+) tp=(\d+)")
 TP_WARNING = "tensor_parallel=4 with 2 processes per node puts 1 tensor-parallel group(s) across nodes"
 
 
@@ -39,26 +38,6 @@ TP_WARNING = "tensor_parallel=4 with 2 processes per node puts 1 tensor-parallel
 def test_tensor_groups_across_nodes(degrees, nodes, expected):
     pp, dp, tp = degrees
     assert tensor_groups_across_nodes(Layout(pp=pp, dp=dp, tp=tp), nodes) == expected
-
-
-def test_describe_ranks_names_host_and_node():
-    ranks = [("localhost", 0, [0, 0, 0, 0]), ("localhost", 1, [1, 0, 0, 0])]
-    assert describe_ranks(Layout(pp=2, dp=1, tp=1), ranks).splitlines() == [
-        "HybridParallel layout pp=2 x dp=1 x tp=1 on 2 processes",
-        "  rank   0 on localhost (node 0): pp=0 dp=0 tp=0",
-        "  rank   1 on localhost (node 1): pp=1 dp=0 tp=0",
-    ]
-
-
-def test_describe_ranks_shows_replicas_and_shards_under_hybrid_sharding():
-    ranks = [("a", 0, [0, 0, 0, 0]), ("a", 0, [0, 0, 1, 0]), ("b", 1, [0, 1, 0, 0]), ("b", 1, [0, 1, 1, 0])]
-    assert describe_ranks(Layout(pp=1, dp=4, tp=1, dp_shard=2), ranks).splitlines() == [
-        "HybridParallel layout pp=1 x dp=4 (2 replicas x 2 shards) x tp=1 on 4 processes",
-        "  rank   0 on a (node 0): pp=0 dp=0 tp=0 (replica 0, shard 0)",
-        "  rank   1 on a (node 0): pp=0 dp=1 tp=0 (replica 0, shard 1)",
-        "  rank   2 on b (node 1): pp=0 dp=2 tp=0 (replica 1, shard 0)",
-        "  rank   3 on b (node 1): pp=0 dp=3 tp=0 (replica 1, shard 1)",
-    ]
 
 
 def test_readme_shows_the_multi_node_script():
@@ -137,7 +116,7 @@ def run_job(env: dict, tmp_path: Path, script: Path, shape: list[str], overrides
 
 def printed_layout(output: str) -> list[dict]:
     """Each rank's node and mesh coordinate, from the layout rank 0 printed."""
-    rows = [tuple(map(int, match)) for match in LAYOUT_LINE.findall(output)]
+    rows = [tuple(map(int, match)) for match in REPORT_ROW.findall(output)]
     return [dict(rank=r, node=n, pp=pp, dp=dp, tp=tp) for r, n, pp, dp, tp in rows]
 
 
