@@ -15,8 +15,10 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	touch $(INSTALLED)
 
+# $(value ARGS): make leaves ${...} in the overrides alone (Hydra interpolations), e.g.
+# make demo ARGS="'trainer.max_steps=\${data.batch_size}' '~trainer.logger' strategy=dp"
 demo: $(INSTALLED)
-	$(PYTHON) examples/train.py $(ARGS)
+	$(PYTHON) examples/train.py $(value ARGS)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

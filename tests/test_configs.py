@@ -176,6 +176,15 @@ def test_hydra_flags_given_to_the_plain_script_reach_the_hydra_app():
     assert composed == OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
 
 
+def test_make_demo_passes_every_form_through():
+    words = ["+model@teacher=gpt", "~trainer.logger", "trainer.max_steps=${data.batch_size}", "strategy=dp"]
+    code, output, _ = run(["make", "--no-print-directory", "demo",
+                           "ARGS=--cfg job --resolve " + " ".join(shlex.quote(w) for w in words)])
+    assert code == 0, output[-3000:]
+    composed = OmegaConf.to_container(OmegaConf.create(output.split("\n", 1)[1]))  # after make's echo
+    assert composed == OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+
+
 @pytest.mark.parametrize("words, message", [
     (["~strategy.micro_batch"], r"^~strategy\.micro_batch: the config has no key strategy\.micro_batch \(did you mean "
                                 r"strategy\.micro_batches\?\)\. Keys under strategy: .*, tensor_plan\.$"),
