@@ -16,9 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-# Imported before Hydra configures logging, so that Lightning keeps its own console handler (else
-# each of its messages prints twice, through it and through Hydra's).
-from train import exit_on_config_error, main
+SHOW_ONLY = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
+
+# Lightning is imported before Hydra configures logging, so that it keeps its own console handler
+# (else each of its messages prints twice, through it and through Hydra's); not for the flags that
+# only show something.
+if not any(word.split("=")[0] in SHOW_ONLY for word in sys.argv[1:]):
+    from train import exit_on_config_error, main
 
 SWEEP_FLAGS = ("-m", "--multirun")
 

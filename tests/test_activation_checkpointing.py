@@ -84,8 +84,11 @@ def test_selective_is_refused_with_split_backward_schedules():
     check_activation_checkpointing("selective", None)
 
 
+SLOW = {("pp2_dp2_tp2", "selective"), ("dp2_tp2", "full")}  # make test-slow: the others cover each mode and layout
+
+
 @pytest.mark.parametrize("layout, mode", [
-    pytest.param(layout, mode, marks=pytest.mark.slow if (layout, mode) == ("pp2_dp2_tp2", "selective") else ())
+    pytest.param(layout, mode, marks=pytest.mark.slow if (layout, mode) in SLOW else ())
     for layout in LAYOUTS for mode in ("full", "selective")
 ])
 def test_matches_one_process(layout, mode):

@@ -25,7 +25,9 @@ def interrupted(tmp_path, name, devices, strategies):
 @pytest.mark.parametrize(
     "name, devices, strategies",
     [
-        ("dp2_to_tp2", (2, 2), ({"data_parallel": 2, "sharding": "full"}, {"tensor_parallel": 2, "tensor_plan": GPT_PLAN})),
+        pytest.param("dp2_to_tp2", (2, 2), ({"data_parallel": 2, "sharding": "full"},
+                                            {"tensor_parallel": 2, "tensor_plan": GPT_PLAN}),
+                     marks=pytest.mark.slow),  # pp2_to_dp2tp2 and hybrid_to_tp2 resume sharded states into tp
         ("pp2_to_dp2tp2", (2, 4), ({"pipeline_parallel": 2, "micro_batches": 2},
                                    {"data_parallel": 2, "tensor_parallel": 2, "tensor_plan": GPT_PLAN})),
         pytest.param("dp2_to_hybrid", (2, 4), ({"data_parallel": 2}, {"data_parallel": 4, "sharding": "hybrid",
@@ -129,6 +131,7 @@ def resumed_under_another_layout(tmp_path, name, spec, devices, strategies):
     return first, second
 
 
+@pytest.mark.slow  # pp2_to_dp2tp2 resumes a pipeline's checkpoint in make test
 def test_llama_style_pp2_to_dp2(tmp_path):
     # The bare position table and the hand-written RMSNorms' weights are saved from their pipeline
     # stages and land on the data-parallel model under their own names.

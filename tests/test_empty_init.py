@@ -61,7 +61,7 @@ def one_process_init():
     return reference({**GPT_SPEC, "callbacks": ["tests.probes:InitRecord"]})["init_full"]
 
 
-@pytest.mark.parametrize("sharding", ["none", "full"])
+@pytest.mark.parametrize("sharding", [pytest.param("none", marks=pytest.mark.slow), "full"])
 def test_initialization_after_sharding_has_one_process_statistics_equal_replicas_and_distinct_shards(
         sharding, one_process_init):
     record = run({**GPT_SPEC, "devices": 8, "build": "empty", "callbacks": ["tests.probes:InitRecord"],

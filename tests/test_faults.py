@@ -46,7 +46,7 @@ def resume_one_process(checkpoint: Path) -> dict:
     return run(spec)
 
 
-@pytest.mark.parametrize("kind, rank", [("kill", 3), ("raise", 1)])
+@pytest.mark.parametrize("kind, rank", [pytest.param("kill", 3, marks=pytest.mark.slow), ("raise", 1)])
 def test_a_rank_that_dies_mid_step_ends_every_process(tmp_path, monkeypatch, kind, rank):
     # Rank 3 is the last pipeline stage; rank 1 the first stage of the second data-parallel
     # replica. Either way the other stages wait in point-to-point transfers when it fails.

@@ -49,7 +49,7 @@ def _from(init_from, strategy: dict, **extra) -> dict:
                 strategy={**strategy, "init_from": str(init_from)}, **extra)
 
 
-@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow if name == "dp2_full" else ())
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow if name != "3d_full" else ())
                                     for name in LAYOUTS])  # 3d_full loads into FSDP2 shards too
 def test_fine_tuning_from_a_hugging_face_directory_matches_one_process(layout, pretrained, tmp_path):
     path, _ = pretrained

@@ -163,7 +163,7 @@ def test_learned_noise_pp2_dp2(sharding):
 RESNET_STAGES = {"sequential": [f"stages.{i}" for i in range(4)], "attributes": [f"layer{i}" for i in range(1, 5)]}
 
 
-@pytest.mark.parametrize("stages_as", ["sequential", "attributes"])
+@pytest.mark.parametrize("stages_as", ["sequential", pytest.param("attributes", marks=pytest.mark.slow)])
 def test_resnet_pp2(stages_as):
     spec = case("ResNetStyle", stages_as=stages_as)
     ref = reference(spec)

@@ -143,6 +143,7 @@ def test_job_with_tensor_groups_across_nodes_warns_and_trains(slurm_env, tmp_pat
     assert "at most the devices per node (2) and a divisor of it" in output
 
 
+@pytest.mark.slow  # the multi-node jobs run the same main job under srun in make test
 def test_one_node_job(slurm_env, tmp_path):
     output = run_job(slurm_env, tmp_path, ONE_NODE, ["--nodes=1", "--ntasks-per-node=4"], QUICK)
     ranks = printed_layout(output)
