@@ -53,8 +53,9 @@ def _composition_message(err: HydraException, primary: Path, overrides: list[str
     if isinstance(err, OverrideParseException):
         word = re.search(r"Error parsing override '(.*)'", text)
         word = word[1] if word else " ".join(overrides)
+        reason = text.splitlines()[1] if "\n" in text else text  # Hydra's second line says what is wrong
         return (f"{word!r} is not an override: write key=value (e.g. trainer.devices=2), group=option "
-                f"(e.g. strategy=dp), +key=value to add a key or ~key to remove one. Hydra says: {text.splitlines()[1]}")
+                f"(e.g. strategy=dp), +key=value to add a key or ~key to remove one. Hydra says: {reason}")
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options is not None:
         group, _, option = err.missing_cfg_file.rpartition("/")
         path = primary.parent / group / f"{option}.yaml"
