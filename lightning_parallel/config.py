@@ -125,25 +125,21 @@ def _check_node(values: dict, key: str) -> None:
     for name, value in values.items():
         if name.startswith("_") and name.endswith("_"):
             continue  # Hydra's own keys: _target_, _convert_, _partial_, _args_, _recursive_
-        if _builds(value):
-            for i, node in _nodes(value):
-                _check_node(node, f"{key}.{name}{i}")
-        else:
+        nodes = _target_nodes(value)
+        for suffix, node in nodes:
+            _check_node(node, f"{key}.{name}{suffix}")
+        if not nodes:  # what Hydra builds reaches the target as an object: only plain values are typed
             arguments[name] = value
     check_types(target, target_name, arguments, key)
 
 
-def _builds(value: Any) -> bool:
-    """Whether Hydra builds `value` (a `_target_` node, or a list of them) before passing it on."""
+def _target_nodes(value: Any) -> list[tuple[str, dict]]:
+    """The `_target_` nodes Hydra builds in `value` (itself, or items of a list), with their key suffix."""
     if isinstance(value, dict):
-        return "_target_" in value
-    return isinstance(value, list) and any(isinstance(item, dict) and "_target_" in item for item in value)
-
-
-def _nodes(value: Any) -> list[tuple[str, dict]]:
-    if isinstance(value, dict):
-        return [("", value)]
-    return [(f"[{i}]", item) for i, item in enumerate(value) if isinstance(item, dict) and "_target_" in item]
+        return [("", value)] if "_target_" in value else []
+    if isinstance(value, list):
+        return [(f"[{i}]", item) for i, item in enumerate(value) if isinstance(item, dict) and "_target_" in item]
+    return []
 
 
 def import_target(name: str, key: str) -> Any:

@@ -58,8 +58,9 @@ def held_by(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer], trai
         states = optimizer_states(optimizer)
         for group in optimizer.param_groups:
             for param in group["params"]:
-                held.optimizer += states * local_elements(param)
-                held.bytes += states * local_elements(param) * param.element_size()
+                elements = states * local_elements(param)
+                held.optimizer += elements
+                held.bytes += elements * param.element_size()
     return held
 
 

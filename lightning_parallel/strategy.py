@@ -382,7 +382,8 @@ class HybridParallel(ParallelStrategy):
         module = self.lightning_module
         if self.layout_mode == "auto" and not self._auto_chosen:
             self._choose_layout(trainer)
-        if self._parallelized_module is not module:
+        reporting = self._parallelized_module is not module  # the first setup of this module
+        if reporting:
             module = self.precision_plugin.convert_module(module)
             if materialize.is_empty(module):
                 materialize.move_real_tensors(module, self.root_device)  # the rest is allocated once sharded
@@ -391,9 +392,6 @@ class HybridParallel(ParallelStrategy):
             self._report_sections = []
             self._runner = self._parallelize(module, trainer)
             self._parallelized_module = module
-            reporting = True
-        else:
-            reporting = False
         self.model = self._runner if self._runner is not None else module
         self._set_metric_groups()
         self.barrier()

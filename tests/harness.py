@@ -10,8 +10,16 @@ from lightning_parallel import parity
 REPO = Path(__file__).resolve().parents[1]
 
 
-# A row of the start-up report's table: rank, host, node, pp, dp, tp, then what the rank holds.
-REPORT_ROW = re.compile(r"^ +(\d+) +\S+ +(\d+) +(\d+) +(\d+) +(\d+) +[\d,]+ +[\d,]+ +[\d,]+ +[\d,.]+$", re.M)
+# A row of the start-up report's table: rank, host, node, pp, dp (with "(replica/shard)" under
+# hybrid sharding), tp, then what the rank holds (elements) and MiB.
+REPORT_ROW = re.compile(r"^ +(?P<rank>\d+) +\S+ +(?P<node>\d+) +(?P<pp>\d+) +(?P<dp>\d+)(?: \((?P<replica>\d+)/(?P<shard>\d+)\))?"
+                        r" +(?P<tp>\d+) +(?P<parameters>[\d,]+) +(?P<gradients>[\d,]+) +(?P<optimizer>[\d,]+) +[\d,.]+$", re.M)
+
+
+def report_rows(output: str) -> list[dict]:
+    """The start-up report's table as one dict of ints per rank (replica and shard None unless hybrid)."""
+    return [{name: None if value is None else int(value.replace(",", "")) for name, value in match.groupdict().items()}
+            for match in REPORT_ROW.finditer(output)]
 
 
 def run(spec: dict) -> dict:

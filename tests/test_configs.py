@@ -1,6 +1,7 @@
 """Composable configs (configs/): the plain loader, the Hydra app and LightningCLI, run as a user
 runs them; the README's blocks marked as tested here are the files and commands used."""
 
+import functools
 import importlib.util
 import re
 import shlex
@@ -150,6 +151,7 @@ OVERRIDE_FORMS = {
 }
 
 
+@functools.cache
 def train_script():
     """examples/train.py as a module (it composes in `config_from_command_line`)."""
     spec = importlib.util.spec_from_file_location("examples_train", REPO / "examples" / "train.py")
@@ -158,10 +160,15 @@ def train_script():
     return module
 
 
+def composed_by_train_py(words):
+    """What examples/train.py composes from these overrides, resolved, as plain containers."""
+    return OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+
+
 @pytest.mark.parametrize("form", list(OVERRIDE_FORMS))
 def test_each_override_form_composes_the_same_under_both_scripts(form):
     words, effect = OVERRIDE_FORMS[form]
-    plain = OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+    plain = composed_by_train_py(words)
     assert effect(plain), plain
     code, output, _ = run([sys.executable, "examples/train_hydra.py", "--cfg", "job", "--resolve", *words])
     assert code == 0, output[-3000:]
@@ -172,8 +179,7 @@ def test_hydra_flags_given_to_the_plain_script_reach_the_hydra_app():
     words = ["+experiment=pp_small", "model.seq_len=32"]
     code, output, _ = run([sys.executable, "examples/train.py", "--cfg", "job", "--resolve", *words])
     assert code == 0, output[-3000:]
-    composed = OmegaConf.to_container(OmegaConf.create(output))
-    assert composed == OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+    assert OmegaConf.to_container(OmegaConf.create(output)) == composed_by_train_py(words)
 
 
 def test_make_demo_passes_every_form_through():
@@ -181,8 +187,8 @@ def test_make_demo_passes_every_form_through():
     code, output, _ = run(["make", "--no-print-directory", "demo",
                            "ARGS=--cfg job --resolve " + " ".join(shlex.quote(w) for w in words)])
     assert code == 0, output[-3000:]
-    composed = OmegaConf.to_container(OmegaConf.create(output.split("\n", 1)[1]))  # after make's echo
-    assert composed == OmegaConf.to_container(train_script().config_from_command_line(words), resolve=True)
+    printed = output.split("\n", 1)[1]  # after make's echo of the command
+    assert OmegaConf.to_container(OmegaConf.create(printed)) == composed_by_train_py(words)
 
 
 @pytest.mark.parametrize("words, message", [

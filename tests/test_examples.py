@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from lightning_parallel import parity
-from tests.harness import REPO, REPORT_ROW, run
+from tests.harness import REPO, REPORT_ROW, report_rows, run
 
 EXAMPLE = dict(
     model="examples.gpt:GPT",
@@ -46,7 +46,7 @@ def test_main_job_prints_layout_and_loss_falls():
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "HybridParallel layout pp=2 x dp=1 x tp=2 on 4 processes" in output
-    assert [tuple(map(int, row)) for row in REPORT_ROW.findall(output)] == [
+    assert [(r["rank"], r["node"], r["pp"], r["dp"], r["tp"]) for r in report_rows(output)] == [
         (0, 0, 0, 0, 0), (1, 0, 0, 0, 1), (2, 0, 1, 0, 0), (3, 0, 1, 0, 1)]
     assert "Tensor-parallel plan (given), tp=2:" in output
     assert "Pipeline split (balanced by counted cost), 2 stages:" in output

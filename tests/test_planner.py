@@ -6,7 +6,7 @@ import pytest
 
 from lightning_parallel import planner
 from lightning_parallel.parity import _load
-from tests.harness import shared_run
+from tests.harness import report_rows, shared_run
 from tests.models import GPT_PLAN
 
 GPT = dict(model="tests.models:tiny_gpt", data="tests.models:token_data", batch_size=8, max_steps=4)
@@ -51,17 +51,9 @@ def test_predicted_elements_per_rank_match_a_real_run(name):
     assert predicted.memory.grads == pytest.approx(held, rel=0.05)  # every parameter trains
     assert predicted.memory.optimizer == pytest.approx(optimizer, rel=0.05)
     # The start-up report told each rank's parameters and optimizer state before the first step.
-    assert reported(measured["output"], "parameters") == measured["elements_held"]
-    assert reported(measured["output"], "optimizer") == measured["optimizer_elements"]
-
-
-def reported(output, column):
-    """A column of the start-up report's table, per rank."""
-    lines = output.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("HybridParallel layout"))
-    world = int(lines[start].split(" on ")[1].split()[0])
-    from_right = {"parameters": -4, "gradients": -3, "optimizer": -2}[column]
-    return [int(line.split()[from_right].replace(",", "")) for line in lines[start + 2: start + 2 + world]]
+    rows = report_rows(measured["output"])
+    assert [row["parameters"] for row in rows] == measured["elements_held"]
+    assert [row["optimizer"] for row in rows] == measured["optimizer_elements"]
 
 
 def test_a_layout_that_does_not_fit_is_refused_with_its_reason():

@@ -12,7 +12,7 @@ import pytest
 
 from lightning_parallel import parity
 from lightning_parallel.layout import Layout, tensor_groups_across_nodes
-from tests.harness import REPO, REPORT_ROW, reference, run
+from tests.harness import REPO, reference, report_rows, run
 
 CLUSTER = REPO / ".ci" / "slurm" / "cluster.sh"
 MULTI_NODE = REPO / "examples" / "slurm" / "multi_node.sbatch"
@@ -116,8 +116,7 @@ def run_job(env: dict, tmp_path: Path, script: Path, shape: list[str], overrides
 
 def printed_layout(output: str) -> list[dict]:
     """Each rank's node and mesh coordinate, from the layout rank 0 printed."""
-    rows = [tuple(map(int, match)) for match in REPORT_ROW.findall(output)]
-    return [dict(rank=r, node=n, pp=pp, dp=dp, tp=tp) for r, n, pp, dp, tp in rows]
+    return report_rows(output)
 
 
 def test_multi_node_job_puts_stages_across_nodes(slurm_env, tmp_path):
