@@ -13,6 +13,7 @@ EXTRA = {
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=64, n_inner=64),
 }
 GPT2_DROP = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

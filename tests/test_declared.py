@@ -21,7 +21,12 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from lightning_parallel.layout import LayoutError  # noqa: E402
-from lightning_parallel.pipeline.declared import VERIFIED_FAMILIES, DeclaredStage, declared_units  # noqa: E402
+from lightning_parallel.pipeline.declared import (  # noqa: E402
+    VERIFIED_FAMILIES,
+    DeclaredStage,
+    call_by_name,
+    declared_units,
+)
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=64, head_dim=8, tie_word_embeddings=False)
@@ -91,15 +96,16 @@ def stages_for(model, cuts, args=(), kwargs=None) -> list[DeclaredStage]:
 
 
 def run_stages(stages, args=(), kwargs=None):
-    """Chains the stages as a pipeline would: each receives a detached copy of the hidden state
-    and hands the gradient of its input back to the previous stage; the last stage's output,
+    """Chains the stages as a pipeline would: every stage gets the model's call by name (as the
+    schedule hands each stage its micro-batch of it), a later one also a detached copy of the
+    hidden state, whose gradient it hands back to the previous stage; the last stage's output,
     which travels as tensors, is rebuilt as the runner rebuilds it for the step."""
-    out, sent = stages[0](*args, **(kwargs or {})), []
+    call = call_by_name(stages[0]._model, args, kwargs or {})
+    out, sent = stages[0](**call), []
     for stage in stages[1:]:
-        hidden, *carried = out
-        received = hidden.detach().requires_grad_()
-        sent.append((hidden, received))
-        out = stage(received, *carried)
+        received = out.detach().requires_grad_()
+        sent.append((out, received))
+        out = stage(received, **call)
     return stages[-1].flat_output.rebuild(out), sent
 
 
@@ -176,17 +182,20 @@ def test_positional_call_and_constants():
     torch.testing.assert_close(out.logits, ref(**call).logits, atol=1e-6, rtol=0)
 
 
-def test_non_last_stage_output_and_labels_carried():
-    model, _ = fresh("llama")
+def test_only_the_hidden_state_crosses_stages():
+    """Labels and the mask reach each stage from its own batch, not from the stage before:
+    torch's stages infer what they receive from uninitialized tensors on first use."""
+    model, ref = fresh("llama")
     call = batch(mask=True, labels=True)
-    first = stages_for(model, CUTS["2 stages"], kwargs=call)[0]
-    hidden, mask, labels = first(**call)
-    assert hidden.shape == (BATCH, SEQ, 32)
-    assert mask is call["attention_mask"] and labels is call["labels"]
+    first, last = stages_for(model, CUTS["2 stages"], kwargs=call)
+    hidden = first(**call)
+    assert isinstance(hidden, torch.Tensor) and hidden.shape == (BATCH, SEQ, 32)
     # Probed with the whole batch, called with a micro-batch of it.
     micro = {name: value[:1] for name, value in call.items()}
-    hidden, mask, labels = first(**micro)
-    assert hidden.shape == (1, SEQ, 32) and torch.equal(labels, call["labels"][:1])
+    out = last.flat_output.rebuild(last(first(**micro), **micro))
+    torch.testing.assert_close(out.loss, ref(**micro).loss, atol=1e-6, rtol=0)
+    with pytest.raises(LayoutError, match="labels"):
+        last(hidden, attention_mask=call["attention_mask"])
 
 
 def test_stages_partition_the_parameters():
@@ -219,7 +228,7 @@ def test_model_restored_after_forward_and_after_a_failure():
 
     base.layers[2].forward = fail
     with pytest.raises(RuntimeError, match="layer failed"):
-        stages[1](*stages[0](**call))
+        stages[1](stages[0](**call), **call)
     assert (base.layers, base.norm, model.lm_head, model.config.layer_types) == before
     assert len(base.layers) == 4 and isinstance(base.norm, type(before[1]))
 

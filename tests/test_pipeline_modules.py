@@ -133,15 +133,7 @@ def test_every_schedule_pp2(name, schedule):
         assert any(what.endswith(" " + BARE[name]) for what in lines.values()), par["output"]
 
 
-# ---------------------------------------------------------------------------- 2. TinyLlama in 3-D
-
-
-def test_tiny_llama_3d_pp2_dp2_tp2():
-    spec = case("TinyLlama")
-    ref = reference(spec)
-    par = run(pipelined(spec, "1f1b", dp=2, tensor_parallel=2, sharding="full"))
-    check_parity("TinyLlama pp=2 x dp=2 x tp=2 full 1f1b", ref, par)
-    assert "HybridParallel layout pp=2 x dp=2 x tp=2 on 8 processes" in par["output"]
+# (Hugging Face models in 3-D: tests/test_hf_training.py.)
 
 
 # ---------------------------------------------------------------------------- 3. loss-only parameters under dp

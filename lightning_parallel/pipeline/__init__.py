@@ -47,6 +47,7 @@ class SplitModel:
     outside: list[str]  # parameters no stage's forward uses (a loss's, say): held by the last stage
     held: set[str]  # names (in the LightningModule) of every parameter and buffer this rank holds
     report: str  # the chosen split, for the start-up log
+    declared: bool = False  # stages cut at the pieces the model declares (DeclaredStage)
 
 
 @dataclass
@@ -132,7 +133,7 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     }
     outside_params = [name for name, t in cut.outside if isinstance(t, nn.Parameter)]
     return SplitModel(cut.entry_name, stage_modules, stage_ids, plan.num_stages, owned_names, outside_params, held,
-                      cut.report)
+                      cut.report, cut.declared)
 
 
 def _find_entry(module: nn.Module, probe_step: str, probe_batch) -> tuple[str, tuple, dict]:

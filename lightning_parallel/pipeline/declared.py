@@ -9,6 +9,10 @@ checkpoints stay as they were:
 - the list of layers becomes a list of this stage's layers (the same layer objects);
 - pieces after the layers the stage does not own (norm, lm_head) become nn.Identity();
 - stages after the first enter through `inputs_embeds=<hidden state>`, so the embedding is skipped;
+  the model's other tensor arguments (attention mask, `labels=`) do not travel between stages:
+  every rank reads them from its own batch (`call_by_name`) and the schedule hands each stage its
+  micro-batch's slice (torch's stages infer their shapes on first use from uninitialized tensors,
+  which an integer argument such as labels must not be);
 - `config.layer_types`, which some forwards index by loop position, becomes this stage's slice.
 Forwards that do more than this between the pieces are not covered, hence VERIFIED_FAMILIES.
 """
@@ -139,11 +143,18 @@ def _parameter_names(forward) -> set[str]:
     return {p.name for p in inspect.signature(forward).parameters.values() if p.kind not in kinds}
 
 
+def call_by_name(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The model's call with every argument by name: what each rank hands its stages (the
+    schedule slices its tensors into micro-batches for every stage alike)."""
+    return _bind(model.forward, args, kwargs)
+
+
 class DeclaredStage(nn.Module):
-    """One pipeline stage of a model with a declared plan. The first stage takes the model's
-    call; a later one takes `(hidden, *carried)`. A non-last stage returns `(hidden, *carried)`,
-    the last one the model's own output. Registers only the modules it owns (the model is not a
-    child), so its parameters() are the stage's."""
+    """One pipeline stage of a model with a declared plan. Every stage takes the model's call
+    by name (`call_by_name`); a later stage also takes the hidden state first, and enters
+    through it. A non-last stage returns the hidden state, the last one the model's own output.
+    Registers only the modules it owns (the model is not a child), so its parameters() are the
+    stage's."""
 
     def __init__(self, model: nn.Module, units: list[str], is_first: bool, is_last: bool,
                  probe_args: tuple, probe_kwargs: dict) -> None:
@@ -180,14 +191,13 @@ class DeclaredStage(nn.Module):
     def forward(self, *args, **kwargs):
         if self.is_first:
             call = _bind(self._model.forward, args, kwargs)
-            missing = [n for n in self._carried if not isinstance(call.get(n), torch.Tensor)]
-            if missing:
-                raise LayoutError(f"The model was probed with tensor argument(s) {missing}, which this call lacks; every call must pass the same arguments.")
         else:
-            hidden, *carried = map(contiguous_grad, args)
-            if len(carried) != len(self._carried):
-                raise LayoutError(f"Stage expected the hidden state and {self._carried}; got {len(args)} values.")
-            call = {**self._constants, **dict(zip(self._carried, carried)), "inputs_embeds": hidden}
+            (hidden,) = args
+            call = {**self._constants, **{n: v for n, v in kwargs.items() if n not in _INPUTS},
+                    "inputs_embeds": contiguous_grad(hidden)}
+        missing = [n for n in self._carried if not isinstance(call.get(n), torch.Tensor)]
+        if missing:
+            raise LayoutError(f"The model was probed with tensor argument(s) {missing}, which this call lacks; every call must pass the same arguments.")
         call["use_cache"] = False
         # forward, not __call__: hooks on the whole model (an FSDP root, a profiler) must not
         # act on every stage's partial run.
@@ -195,7 +205,7 @@ class DeclaredStage(nn.Module):
             if self.is_last:
                 return self.flat_output.flatten(self._model.forward(**call))
             output = self._base.forward(**{n: v for n, v in call.items() if n not in self._head_only})
-        return (output[0], *(call[n] for n in self._carried))
+        return output[0]
 
     def publish_parameters(self) -> None:
         """Nothing to put back: the stage reads no parameter except through its modules."""

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from lightning_parallel.layout import LayoutError
+from lightning_parallel.pipeline.declared import call_by_name
 from lightning_parallel.pipeline.schedules import build_eval_schedule, build_schedule, stages_of_rank
 
 REDUCERS = {"mean": torch.mean, "sum": torch.sum, "max": torch.max, "min": torch.min}
@@ -384,9 +385,14 @@ class PipelineRunner:
                     param.grad = grad if param.grad is None else param.grad + grad
 
     def _model_inputs(self, step_name: str, *step_args) -> tuple[tuple, dict]:
-        if not self.has_first:
+        """What this rank hands the schedule: the model's call on the first stage's rank; under a
+        declared plan, the call by name on every rank (each stage reads its own micro-batch of
+        the call's tensors, labels say, instead of receiving them from the stage before)."""
+        if not (self.has_first or self.split.declared):
             return (), {}
         _, args, kwargs = capture_call(self.module, step_name, *step_args, entry=self.entry_name)
+        if self.split.declared:
+            return (), call_by_name(self.entry, args, kwargs)
         return args, kwargs
 
     def _average_outside_gradients(self) -> None:
