@@ -52,10 +52,12 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], norm_type: float = 2.0, 
 
 
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0, pp_group=None,
-                    device: torch.device | str = "cpu"):
-    """Scales all gradients in place so that their global norm is at most `max_norm`."""
+                    device: torch.device | str = "cpu", counted: Iterable[torch.Tensor] | None = None):
+    """Scales all gradients in place so that their global norm is at most `max_norm`. `counted`:
+    the parameters whose gradients the norm counts on this rank (default: all; a weight tied
+    across pipeline stages is counted on one of the ranks holding it)."""
     parameters = list(parameters)
-    total = total_grad_norm(parameters, norm_type, pp_group, device)
+    total = total_grad_norm(parameters if counted is None else counted, norm_type, pp_group, device)
     for group in _by_mesh([p for p in parameters if p.grad is not None]):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total

@@ -60,6 +60,7 @@ from lightning_parallel.gradients import clip_grad_norm_
 from lightning_parallel.pipeline import PipelineRunner, SplitModel, check_schedule, split_model
 from lightning_parallel.pipeline.cost import hardware_for
 from lightning_parallel.pipeline.split import drop_other_stages_params
+from lightning_parallel.pipeline.tied import tied_weights
 from lightning_parallel.tensor_parallel import apply_tensor_parallel, format_plan, resolve_plan
 from lightning_parallel.layout import (
     Layout,
@@ -453,6 +454,11 @@ class HybridParallel(ParallelStrategy):
             broadcast_module_state(module)
 
         split = self._split(module, trainer) if layout.pp > 1 else None
+        tied = None
+        if split is not None:
+            tied = tied_weights(module.get_submodule(split.entry), split.ties, split.stage_ids, self._schedule_spec,
+                                self.device_mesh, layout.tp > 1 or layout.dp > 1, plan,
+                                f"{split.entry}." if split.entry else "")
         if layout.tp > 1:
             tp_mesh = self.device_mesh["tp"]
             if plan is None:
@@ -475,12 +481,15 @@ class HybridParallel(ParallelStrategy):
                     # Parameters stay gathered over a step's micro-batches (torchtitan's choice) unless
                     # reshard_per_micro_batch asks for the least memory.
                     apply_data_parallel(stage, dp_mesh, mp_policy, reshard_after_forward=self.reshard_per_micro_batch)
+            tied.share()
             self._fill(module, split.stage_modules, split.held, empty)
+            if empty:  # each stage initialized its own copy of a tied weight
+                tied.copy_from_first()
             for stage in split.stage_modules:
                 stage.publish_parameters()
             self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
                                             self.device_mesh["pp"].get_group(), self.dp_mesh.get_group(),
-                                            self.root_device, self.reshard_per_micro_batch)
+                                            self.root_device, self.reshard_per_micro_batch, tied)
             return None
         runner = StepRunner(module) if layout.dp > 1 else None
         if runner is not None and layout.dp_shard == 1 and layout.tp == 1:
@@ -556,7 +565,9 @@ class HybridParallel(ParallelStrategy):
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: Union[int, float]) -> None:
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        clip_grad_norm_(parameters, clip_val, pp_group=self.device_mesh["pp"].get_group(), device=self.root_device)
+        counted = self._pipeline.tied.counted_once(parameters) if self._pipeline is not None else None
+        clip_grad_norm_(parameters, clip_val, pp_group=self.device_mesh["pp"].get_group(), device=self.root_device,
+                        counted=counted)
 
     @contextmanager
     def _loss_context(self) -> Generator[None, None, None]:
@@ -604,6 +615,18 @@ class HybridParallel(ParallelStrategy):
             return closure_loss
         with self._loss_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        if self._pipeline is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_sum_tied():
+            # The step's gradients are complete (accumulation included) and not yet clipped.
+            result = closure()
+            self._pipeline.tied.sum_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_sum_tied, model, **kwargs)
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:

@@ -33,14 +33,20 @@ class HFCausalLM(pl.LightningModule):
     """A Hugging Face causal LM whose loss is its own (`labels=`), as users fine-tune.
 
     `loss="labels"`: `self.model(input_ids=x, labels=y).loss`; `loss="logits"`: cross-entropy on
-    `.logits` in the step."""
+    `.logits` in the step. `optimizer="sgd"` (momentum) where a gradient's scale must show (AdamW
+    hides it: clipping tests)."""
 
-    def __init__(self, family="llama", tie=False, loss="labels", lr=1e-3, attn="sdpa", **config):
+    def __init__(self, family="llama", tie=False, loss="labels", lr=1e-3, attn="sdpa", optimizer="adamw", path=None,
+                 pretrained=False, **config):
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         self.save_hyperparameters()
-        self.model = AutoModelForCausalLM.from_config(hf_config(family, tie, **config), attn_implementation=attn)
+        if pretrained:  # fine-tuning as on one process
+            self.model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+        else:  # built from its config alone (a directory's, for HybridParallel(init_from=path))
+            config = AutoConfig.from_pretrained(path) if path else hf_config(family, tie, **config)
+            self.model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
 
     def _loss(self, batch):
         x, y = batch
@@ -58,4 +64,6 @@ class HFCausalLM(pl.LightningModule):
         self.log("val_loss", self._loss(batch), sync_dist=True)
 
     def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

@@ -331,3 +331,30 @@ class KillDuringBackgroundSave(pl.Callback):
 
         if trainer.global_step == self.step and trainer.strategy.save_in_flight:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TensorOnEachRank(pl.Callback):
+    """Records, at the start and the end of training, each rank's local values (its shard) of the
+    parameter $LP_TEST_TENSOR, or None where that rank does not hold it (a pipeline stage)."""
+
+    def __init__(self):
+        self.record = {"on_each_rank": {}}
+
+    def _gather(self, module, when):
+        import os
+
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+
+        tensor = module.get_parameter(os.environ["LP_TEST_TENSOR"])
+        local = None if tensor.is_meta else (tensor.to_local() if isinstance(tensor, DTensor) else tensor)
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, None if local is None else local.detach().cpu().clone())
+        self.record["on_each_rank"][when] = values
+
+    def on_train_start(self, trainer, module):
+        self._gather(module, "start")
+
+    def on_train_end(self, trainer, module):
+        self._gather(module, "end")

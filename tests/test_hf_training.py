@@ -3,6 +3,7 @@ the model's own loss) match one process under pipeline parallelism: every family
 pipeline plan is verified, the seven schedules among them, and 3-D."""
 
 import pytest
+import torch
 
 from lightning_parallel.pipeline import SCHEDULES
 from lightning_parallel.pipeline.declared import VERIFIED_FAMILIES
@@ -44,3 +45,79 @@ def test_llama_3d(loss):
     par = run({**spec, "devices": 8, "strategy": strategy})
     check_parity(f"llama {loss} pp=2 x dp=2 x tp=2 full", reference(spec), par)
     assert "HybridParallel layout pp=2 x dp=2 x tp=2 on 8 processes" in par["output"]
+
+
+# ---------------------------------------------------------------------------- tied input and output embeddings
+
+# SGD, whose step shows a gradient's scale (AdamW hides it), with clipping: the tied weight's
+# gradient must be the sum over both stages, and the global norm must count it once.
+TIED = dict(family="llama", tie=True, optimizer="sgd", lr=0.5)
+CLIPPED = {"gradient_clip_val": 0.05}
+
+
+@pytest.mark.parametrize("layout", [
+    "pp2",
+    "pp2_dp2_full",  # shards of the copies summed, after two accumulated micro-steps
+    pytest.param("pp2_zbv", marks=pytest.mark.slow),  # one rank holds both stages
+])
+def test_tied_embeddings_under_pipeline_parallel(layout):
+    strategy = {"pp2": dict(pipeline_parallel=2, micro_batches=4),
+                "pp2_dp2_full": dict(pipeline_parallel=2, data_parallel=2, sharding="full", micro_batches=2),
+                "pp2_zbv": dict(pipeline_parallel=2, micro_batches=4, schedule="zbv")}[layout]
+    trainer = {**CLIPPED, **({"accumulate_grad_batches": 2} if layout == "pp2_dp2_full" else {})}
+    spec = {**hf_spec(**TIED), "trainer": trainer, "max_steps": 3 if layout != "pp2_dp2_full" else 2}
+    devices = 4 if "dp2" in layout else 2
+    par = run({**spec, "devices": devices, "strategy": strategy})
+    check_parity(f"tied embeddings {layout}", reference(spec), par)
+    if layout != "pp2_zbv":
+        assert "tied across stages 0, 1: model.model.embed_tokens.weight = model.lm_head.weight" in par["output"]
+    assert_tied(par["params"])
+
+
+def assert_tied(params: dict) -> None:
+    """Both names of the weight hold the same values (each stage's copy, gathered)."""
+    assert torch.equal(params["model.model.embed_tokens.weight"], params["model.lm_head.weight"])
+
+
+def test_tied_embeddings_built_empty_start_equal(monkeypatch):
+    """Each stage initializes its own copy; the copies are made equal before training, and the
+    summed gradients keep them equal."""
+    monkeypatch.setenv("LP_TEST_TENSOR", "model.model.embed_tokens.weight")
+    spec = {**hf_spec(**TIED), "build": "empty", "max_steps": 2, "devices": 2,
+            "strategy": {"pipeline_parallel": 2, "micro_batches": 4}, "callbacks": ["tests.probes:TensorOnEachRank"]}
+    for when, (first, last) in run(spec)["on_each_rank"].items():
+        assert torch.equal(first, last), f"the copies of the stages differ at the {when} of training"
+
+
+@pytest.fixture(scope="module")
+def tied_pretrained(tmp_path_factory):
+    """A tied Llama directory as save_pretrained writes it: one copy of the tied weight."""
+    from tests.hf_models import HFCausalLM
+
+    torch.manual_seed(7)
+    model = HFCausalLM(**TIED).model
+    path = tmp_path_factory.mktemp("tied") / "llama"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_tied_embeddings_from_pretrained_and_exported(tied_pretrained, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lightning_parallel.export import export_hf
+
+    with safe_open(str(tied_pretrained / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    spec = {**hf_spec(**TIED, path=str(tied_pretrained), pretrained=True), "trainer": CLIPPED}
+    parallel = {**spec, "model_kwargs": {**TIED, "path": str(tied_pretrained)}, "build": "empty", "devices": 2,
+                "strategy": {"pipeline_parallel": 2, "micro_batches": 4, "init_from": str(tied_pretrained)},
+                "save_to": str(tmp_path / "ckpt")}
+    par = run(parallel)
+    check_parity("tied embeddings init_from pp2", reference(spec), par)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, par["params"][f"model.{name}"]), name

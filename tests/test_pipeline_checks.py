@@ -9,6 +9,8 @@ from lightning_parallel.pipeline import SCHEDULES, split_model
 from lightning_parallel.pipeline.balance import stage_costs
 from lightning_parallel.pipeline.cost import CPU
 from lightning_parallel.pipeline.runner import split_batch
+from lightning_parallel.pipeline.schedules import stages_of_rank
+from lightning_parallel.pipeline.tied import Tie, check_ties
 from tests.harness import run
 from tests.models import token_data, tiny_gpt
 from tests.stage_timing import plan_for, spread
@@ -77,11 +79,60 @@ def test_forward_the_splitter_cannot_handle():
         split(Branchy(), batch=torch.randn(8, 4))
 
 
-def test_weights_tied_across_stages():
+def test_weights_tied_across_stages_are_found_and_reported():
     model = tiny_gpt(n_layers=4)
     model.head.weight = model.tok_emb.weight
-    with pytest.raises(LayoutError, match=r"'tok_emb.weight' \(stage 0\) and 'head.weight' \(stage 1\) are one tied weight"):
-        split(model, pipeline_split=["blocks.2"])
+    stages = split(model, pipeline_split=["blocks.2"])
+    assert stages.ties == [Tie(("tok_emb.weight", "head.weight"), (0, 1))]
+    assert "tied across stages 0, 1: tok_emb.weight = head.weight (gradients summed)" in stages.report
+    # Stage 0 keeps the weight: the rank of stage 0 holds it (and stage 1's rank its copy).
+    assert any(p is model.tok_emb.weight for p in stages.stage_modules[0].parameters())
+
+
+def test_a_weight_read_directly_by_another_stage_is_refused():
+    class ReadsEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, 8)
+            self.blocks = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+
+        def forward(self, x):
+            return nn.functional.linear(self.blocks(self.emb(x)), self.emb.weight)  # read on the last stage
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).mean()
+
+    with pytest.raises(LayoutError, match=r"reads the parameter 'emb.weight' directly on pipeline stage 1, while modules "
+                                          r"of stage\(s\) \[0\] use it too"):
+        split(ReadsEmbedding(), pipeline_split=["blocks.2"])
+
+
+TIE = Tie(("model.embed_tokens.weight", "lm_head.weight"), (0, 3))
+
+
+@pytest.mark.parametrize("schedule, splits, message", [
+    ("zbv", True, r"model.embed_tokens.weight and lm_head.weight are one weight tied across stages \[0, 3\], which "
+                  r"this schedule puts on one rank; with tensor or data parallelism"),
+    ("zbv", False, None),  # one rank holds both stages: nothing to sum, nothing sharded apart
+    ("interleaved_1f1b", True, None),
+])
+def test_ties_under_the_schedules(schedule, splits, message):
+    spec = SCHEDULES[schedule]
+    rank_of_stage = {s: r for r in range(2) for s in stages_of_rank(spec, r, 2)}.__getitem__
+    if message is None:
+        check_ties([TIE], rank_of_stage, splits, None, "")
+    else:
+        with pytest.raises(LayoutError, match=message):
+            check_ties([TIE], rank_of_stage, splits, None, "")
+
+
+def test_ties_split_alike_by_the_tensor_plan():
+    one_rank_each = [0, 1, 0, 1].__getitem__
+    alike = {"model.model.embed_tokens": "embedding_rowwise", "model.lm_head": "colwise_gather_output"}
+    check_ties([TIE], one_rank_each, True, alike, "model.")
+    with pytest.raises(LayoutError, match=r"split differently by the tensor-parallel plan: model.model.embed_tokens.weight "
+                                          r"\(not split\), model.lm_head.weight \(dim 0\).*'embedding_rowwise'"):
+        check_ties([TIE], one_rank_each, True, {"model.lm_head": "colwise_gather_output"}, "model.")
 
 
 def test_bare_parameters_belong_to_the_stage_that_reads_them():
@@ -282,10 +333,9 @@ def test_hierarchical_stages_split_inside_a_container_when_whole_ones_do_not_bal
         assert spread(stage_costs(between.costs, between.unit_stage, 2)) > max(auto, 0.15), whole
 
 
-def test_hugging_face_embeddings_tied_across_stages_are_refused():
+def test_hugging_face_embeddings_tied_across_stages():
     from tests.models import TinyLlama
 
     model = TinyLlama(layers=4)
     model.model.lm_head.weight = model.model.model.embed_tokens.weight  # tie_word_embeddings
-    with pytest.raises(LayoutError, match=r"'model.embed_tokens.weight' \(stage 0\) and 'lm_head.weight' \(stage 1\) are one tied weight"):
-        split(model)
+    assert split(model).ties == [Tie(("model.embed_tokens.weight", "lm_head.weight"), (0, 1))]

@@ -8,7 +8,7 @@ returns its stage modules. `PipelineRunner` (after them) runs Lightning's steps.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -25,10 +25,10 @@ from lightning_parallel.pipeline.cost import Hardware
 from lightning_parallel.pipeline.declared import DeclaredStage, declared_costs, declared_units, declares_plan
 from lightning_parallel.pipeline.runner import PipelineRunner, capture_call, concrete_args_for, split_batch
 from lightning_parallel.pipeline.schedules import SCHEDULES, ScheduleSpec, check_schedule, stages_of_rank
+from lightning_parallel.pipeline.tied import Tie, find_ties
 from lightning_parallel.pipeline.split import (
     StageModule,
     StagePlan,
-    check_no_shared_parameters,
     free_unowned,
     plan_stages,
     stage_tensors,
@@ -48,6 +48,7 @@ class SplitModel:
     held: set[str]  # names (in the LightningModule) of every parameter and buffer this rank holds
     report: str  # the chosen split, for the start-up log
     declared: bool = False  # stages cut at the pieces the model declares (DeclaredStage)
+    ties: list[Tie] = field(default_factory=list)  # weights held by several stages, names relative to `entry`
 
 
 @dataclass
@@ -133,7 +134,7 @@ def split_model(module: nn.Module, probe_step: str, probe_batch, pp: int, pp_ran
     }
     outside_params = [name for name, t in cut.outside if isinstance(t, nn.Parameter)]
     return SplitModel(cut.entry_name, stage_modules, stage_ids, plan.num_stages, owned_names, outside_params, held,
-                      cut.report, cut.declared)
+                      cut.report, cut.declared, plan.ties)
 
 
 def _find_entry(module: nn.Module, probe_step: str, probe_batch) -> tuple[str, tuple, dict]:
@@ -177,11 +178,12 @@ def _declared_plan(entry: nn.Module, units: list[str], unit_stage: list[int], nu
     """Who owns what: each stage its units; buffers outside every unit (rotary frequencies, say)
     are read by every stage's run of the model's forward."""
     owned = [[u for u, s in zip(units, unit_stage) if s == stage] for stage in range(num_stages)]
-    check_no_shared_parameters(entry, owned, [[] for _ in range(num_stages)])
+    empty = [[] for _ in range(num_stages)]
+    ties = find_ties(entry, owned, empty)
     in_units = {id(b) for u in units for b in entry.get_submodule(u).buffers()}
     shared = [name for name, b in entry.named_buffers() if id(b) not in in_units]
-    empty = [[] for _ in range(num_stages)]
-    return StagePlan(None, {}, empty, empty, owned, [[] for _ in range(num_stages)], [list(shared) for _ in range(num_stages)])
+    return StagePlan(None, {}, empty, empty, owned, [[] for _ in range(num_stages)], [list(shared) for _ in range(num_stages)],
+                     ties)
 
 
 def _relative(name: str, prefix: str) -> str:
@@ -204,6 +206,9 @@ def _report(entry, prefix, plan, costs, outside, balanced: bool) -> str:
         count = sum(t.numel() for _, t in outside_params)
         names = ", ".join(name for name, _ in outside_params)
         lines.append(f"  used outside the forward, held by the last stage: {names} ({count:,} parameters)")
+    for tie in plan.ties:
+        names = " = ".join(prefix + name for name in tie.names)
+        lines.append(f"  tied across stages {', '.join(map(str, sorted(set(tie.stages))))}: {names} (gradients summed)")
     lines.append(f"  estimated stage costs differ by {(max(costs) - min(costs)) / max(costs):.0%}")
     return "\n".join(lines)
 

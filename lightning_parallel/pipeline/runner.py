@@ -218,8 +218,9 @@ class PipelineRunner:
     SHAPES_KEPT = 8  # schedules kept (training and evaluation ones), the least recently used dropped first
 
     def __init__(self, module, split, spec, micro_batches: int, pp_group, dp_group, device,
-                 reshard_per_micro_batch: bool = False) -> None:
+                 reshard_per_micro_batch: bool = False, tied=None) -> None:
         self.module = module
+        self.tied = tied  # weights tied across stages (pipeline/tied.py)
         self.reshard_per_micro_batch = reshard_per_micro_batch
         self.entry_name = split.entry
         self.entry = module.get_submodule(split.entry)

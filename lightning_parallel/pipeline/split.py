@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.pipeline.cost import Hardware, OpCost
+from lightning_parallel.pipeline.tied import Tie, find_ties
 
 
 class _UnitTracer(fx.Tracer):
@@ -300,6 +301,7 @@ class StagePlan:
     owned_modules: list[list[str]]  # units (module names) stage s calls
     owned_params: list[list[str]]  # bare parameters stage s reads directly (get_attr)
     owned_attrs: list[list[str]]  # other attributes (buffers, constants) stage s reads directly
+    ties: list[Tie] = field(default_factory=list)  # weights that modules of several stages hold
 
     @property
     def num_stages(self) -> int:
@@ -332,12 +334,12 @@ def plan_stages(entry: nn.Module, graph: fx.Graph, unit_stage: list[int], num_st
                 owned_attrs[stage].append(node.target)
 
     _check_units_use_only_their_own_parameters(entry, graph, measured)
-    check_no_shared_parameters(entry, owned_modules, owned_params)
+    ties = find_ties(entry, owned_modules, owned_params)
     inputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     outputs: list[list[fx.Node]] = [[] for _ in range(num_stages)]
     for s in range(num_stages - 1):
         outputs[s] = inputs[s + 1] = crossing(graph, node_stage, s)
-    return StagePlan(graph, node_stage, inputs, outputs, owned_modules, owned_params, owned_attrs)
+    return StagePlan(graph, node_stage, inputs, outputs, owned_modules, owned_params, owned_attrs, ties)
 
 
 def _check_units_use_only_their_own_parameters(entry: nn.Module, graph: fx.Graph, measured: Measured) -> None:
@@ -353,24 +355,6 @@ def _check_units_use_only_their_own_parameters(entry: nn.Module, graph: fx.Graph
                 "pipeline_parallel a module may use only its own parameters (and the forward may read any "
                 "parameter directly): register them on the module that uses them."
             )
-
-
-def check_no_shared_parameters(entry: nn.Module, owned_modules: list[list[str]], owned_params: list[list[str]]) -> None:
-    """A parameter registered in two places (tied weights) must not be split between stages."""
-    holder: dict[int, tuple[int, str]] = {}
-    for stage in range(len(owned_modules)):
-        named = [(f"{m}.{p}", param) for m in owned_modules[stage]
-                 for p, param in entry.get_submodule(m).named_parameters(remove_duplicate=False)]
-        named += [(name, resolve(entry, name)) for name in owned_params[stage]]
-        for where, param in named:
-            if id(param) in holder and holder[id(param)][0] != stage:
-                other_stage, other = holder[id(param)]
-                raise LayoutError(
-                    f"{other!r} (stage {other_stage}) and {where!r} (stage {stage}) are one tied weight, such as tied "
-                    "input and output embeddings. Stages cannot share parameters: untie them, or choose a "
-                    "pipeline_split that keeps both on one stage."
-                )
-            holder.setdefault(id(param), (stage, where))
 
 
 class FlatOutput:
