@@ -43,6 +43,7 @@ EXTRA = {
     "mixtral": dict(sliding_window=3, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "granite": dict(embedding_multiplier=2.0, logits_scaling=3.0, residual_multiplier=0.5, attention_multiplier=0.2),
+    "gpt2": dict(n_inner=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),  # a plan of our own (see declared.py)
 }
 ATTENTION = {"gemma2": "eager"}  # its attention logit softcapping has no sdpa path in transformers 5
 BATCH, SEQ = 2, 7

@@ -121,3 +121,17 @@ def test_tied_embeddings_from_pretrained_and_exported(tied_pretrained, tmp_path)
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
     for name, value in exported.state_dict().items():
         assert torch.equal(value, par["params"][f"model.{name}"]), name
+
+
+# ---------------------------------------------------------------------------- GPT-2
+
+
+def test_gpt2_under_pipeline_parallel():
+    """GPT-2 declares no pipeline plan and torch.fx cannot trace it: its stages follow a plan of
+    our own (lightning_parallel/pipeline/declared.py), whose later stages must not add the
+    position embedding again. Its embeddings are tied, as GPT-2 ships."""
+    spec = {**hf_spec("gpt2", tie=True, optimizer="sgd", lr=0.5), "trainer": CLIPPED}
+    par = run({**spec, "devices": 2,
+               "strategy": {"pipeline_parallel": 2, "micro_batches": 4, "schedule": "interleaved_1f1b"}})
+    check_parity("gpt2 pp=2 interleaved_1f1b", reference(spec), par)
+    assert "tied across stages 0, 3: model.transformer.wte.weight = model.lm_head.weight" in par["output"]

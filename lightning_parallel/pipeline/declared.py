@@ -36,8 +36,23 @@ from lightning_parallel.pipeline.split import FlatOutput, _device_of, contiguous
 #   stage entered through inputs_embeds would multiply the hidden state again.
 VERIFIED_FAMILIES: frozenset[str] = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma", "gemma2",
-    "gemma3_text", "cohere2", "olmo3", "exaone4", "ministral", "mixtral", "qwen3_moe",
+    "gemma3_text", "cohere2", "olmo3", "exaone4", "ministral", "mixtral", "qwen3_moe", "gpt2",
 })
+
+# Plans for families transformers declares none for, written as transformers writes them (the
+# base model's pieces; the head model's), and what a stage that does not own one of the pieces
+# before the layers (other than the embedding) runs in its place: GPT-2 adds its position
+# embedding and applies dropout after the token embedding, which a later stage, entered through
+# inputs_embeds, must not do again.
+_OWN_PLANS = {
+    "gpt2": dict(
+        base={"wte": (["input_ids"], ["inputs_embeds"]), "wpe": (["position_ids"], ["position_embeds"]),
+              "drop": (["hidden_states"], ["hidden_states"]), "h": (["hidden_states"], ["hidden_states"]),
+              "ln_f": (["hidden_states"], ["hidden_states"])},
+        head={"lm_head": (["hidden_states"], ["logits"])},
+        stand_ins={"wpe": "zeros", "drop": "identity"},
+    ),
+}
 
 _INPUTS = ("input_ids", "inputs_embeds")
 _CACHES = ("cache", "past_key_values")
@@ -45,10 +60,11 @@ _CACHES = ("cache", "past_key_values")
 
 @dataclass(frozen=True)
 class _Plan:
-    before: list[str]  # names relative to the model, in execution order
+    before: list[str]  # names relative to the model, in execution order; the first makes inputs_embeds
     layers: str
     num_layers: int
     after: list[str]
+    stand_ins: dict[str, str]  # the pieces before the layers but the first: what a stage not owning one runs
 
     def units(self) -> list[str]:
         return [*self.before, *(f"{self.layers}.{i}" for i in range(self.num_layers)), *self.after]
@@ -64,8 +80,19 @@ def _refuse(model: nn.Module, why: str) -> LayoutError:
 
 
 def _plan_of(model: nn.Module) -> dict | None:
-    plan = getattr(model, "pp_plan", None) or getattr(model, "_pp_plan", None)
+    plan = getattr(model, "pp_plan", None) or getattr(model, "_pp_plan", None) or _own_plan(model)
     return plan if isinstance(plan, dict) and plan else None
+
+
+def _own_plan(model: nn.Module) -> dict | None:
+    own = _OWN_PLANS.get(getattr(getattr(model, "config", None), "model_type", None))
+    base = getattr(model, "base_model", None)
+    if own is None or base is None:
+        return None
+    if base is model:
+        return dict(own["base"])
+    prefix = next(name for name, sub in model.named_modules() if sub is base)
+    return {**{f"{prefix}.{n}": io for n, io in own["base"].items()}, **own["head"]}
 
 
 def declares_plan(model: nn.Module) -> bool:
@@ -95,13 +122,15 @@ def _read_plan(model: nn.Module) -> _Plan | None:
         raise _refuse(model, f"it declares {len(lists)} lists of layers {lists}; exactly one is supported")
     cut = names.index(lists[0])
     before, after = names[:cut], names[cut + 1:]
-    if [list(plan[n][1]) for n in before] != [["inputs_embeds"]]:
-        raise _refuse(model, f"the pieces before the layers are {before}; exactly one, producing inputs_embeds, is supported")
+    stand_ins = {f"{prefix}.{n}" if prefix else n: kind
+                 for n, kind in _OWN_PLANS.get(model_type, {}).get("stand_ins", {}).items()}
+    if not before or list(plan[before[0]][1]) != ["inputs_embeds"] or any(n not in stand_ins for n in before[1:]):
+        raise _refuse(model, f"the pieces before the layers are {before}; one, producing inputs_embeds, is supported")
     multi = [n for n in after if len(plan[n][0]) != 1 or len(plan[n][1]) != 1]
     if multi:
         raise _refuse(model, f"the pieces after the layers {multi} take or give more than one value")
 
-    result = _Plan(before, lists[0], len(modules[lists[0]]), after)
+    result = _Plan(before, lists[0], len(modules[lists[0]]), after, {n: stand_ins[n] for n in before[1:]})
     covered = {id(p) for unit in result.units() for p in model.get_submodule(unit).parameters()}
     stray = [n for n, p in model.named_parameters() if id(p) not in covered]
     if stray:
@@ -176,7 +205,9 @@ class DeclaredStage(nn.Module):
         self._layers = plan.layers
         self._layer_indices = [int(u.rsplit(".", 1)[1]) for u in units if u.startswith(plan.layers + ".")]
         self._num_layers = plan.num_layers
-        self._stand_ins = [name for name in plan.after if name not in units]
+        self._stand_ins = {name: _stand_in(model.get_submodule(name), kind)
+                           for name, kind in [*plan.stand_ins.items(), *((n, "identity") for n in plan.after)]
+                           if name not in units}
         self.flat_output = FlatOutput()
 
         # Decided from the probe alone, so every stage agrees on what crosses between them.
@@ -215,26 +246,41 @@ class DeclaredStage(nn.Module):
         owner_name, _, attr = self._layers.rpartition(".")
         owner = self._model.get_submodule(owner_name)
         layers = getattr(owner, attr)
-        restore = [(owner, attr, layers)]
-        for name in self._stand_ins:
+        restore = [(owner, attr, layers, None)]
+        for name, stand_in in self._stand_ins.items():
             parent_name, _, child = name.rpartition(".")
             parent = self._model.get_submodule(parent_name)
-            restore.append((parent, child, getattr(parent, child)))
+            restore.append((parent, child, getattr(parent, child), stand_in))
         config = self._base.config
         layer_types = getattr(config, "layer_types", None)
         per_layer = isinstance(layer_types, (list, tuple)) and len(layer_types) == self._num_layers
         try:
             setattr(owner, attr, nn.ModuleList([layers[i] for i in self._layer_indices]))
-            for parent, child, _ in restore[1:]:
-                setattr(parent, child, nn.Identity())
+            for parent, child, _, stand_in in restore[1:]:
+                setattr(parent, child, stand_in)
             if per_layer:
                 config.layer_types = type(layer_types)(layer_types[i] for i in self._layer_indices)
             yield
         finally:
-            for parent, child, original in reversed(restore):
+            for parent, child, original, _ in reversed(restore):
                 setattr(parent, child, original)
             if per_layer:
                 config.layer_types = layer_types
+
+
+class _Zeros(nn.Module):
+    """Stands in for an embedding whose output a later stage must not add again."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.dim, self.dtype = embedding.embedding_dim, embedding.weight.dtype
+
+    def forward(self, indices):
+        return torch.zeros(*indices.shape, self.dim, dtype=self.dtype, device=indices.device)
+
+
+def _stand_in(module: nn.Module, kind: str) -> nn.Module:
+    return _Zeros(module) if kind == "zeros" else nn.Identity()
 
 
 def declared_costs(model: nn.Module, units: list[str], args: tuple, kwargs: dict, hardware: Hardware) -> list[float]:
