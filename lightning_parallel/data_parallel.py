@@ -67,15 +67,17 @@ def data_parallel_mesh(mesh: DeviceMesh, layout: Layout) -> DeviceMesh:
 
 
 def apply_data_parallel(root: nn.Module, dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
-                        reshard_after_forward: bool = True) -> None:
+                        reshard_after_forward: bool = True, ignored_params: set | None = None) -> None:
     """Wraps each block, then `root` (the module every step enters through: the step runner,
     or a pipeline stage), with `fully_shard` over `dp_mesh`. `reshard_after_forward=False`
     keeps each block gathered from its forward to its backward (pipeline stages, whose
-    micro-batches would otherwise gather every block again for each of them)."""
+    micro-batches would otherwise gather every block again for each of them). `ignored_params`
+    (outside the blocks) stay plain and unreduced: their caller reduces them."""
     for unit in data_parallel_units(root):
         fully_shard(unit, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     # The root's own parameters stay gathered after its forward unless told otherwise (FSDP2's default).
-    fully_shard(root, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=None if reshard_after_forward else False)
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=None if reshard_after_forward else False,
+                ignored_params=ignored_params)
 
 
 def replicate_with_ddp(runner: nn.Module, dp_group, device: torch.device, reduce_dtype: str | None) -> DistributedDataParallel:

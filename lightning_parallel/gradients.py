@@ -61,3 +61,19 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     for group in _by_mesh([p for p in parameters if p.grad is not None]):
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def average_over(grads: list[torch.Tensor], group, reduce_dtype: torch.dtype | None = None) -> None:
+    """Averages gradients in place over `group` (the data-parallel ranks), in one all-reduce per
+    dtype (in `reduce_dtype` when given). DTensor gradients are averaged shard by shard."""
+    if not grads or group is None or dist.get_world_size(group) == 1:
+        return
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in locals_:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for dtype, same in by_dtype.items():
+        flat = torch.cat([g.reshape(-1) for g in same]).to(reduce_dtype or dtype)
+        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
+        for g, averaged in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(averaged.view_as(g))

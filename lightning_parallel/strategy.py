@@ -57,6 +57,7 @@ from lightning_parallel.data_parallel import (
     set_gradient_sync,
 )
 from lightning_parallel.gradients import clip_grad_norm_
+from lightning_parallel.manual_optimization import apply_manual_data_parallel, check_manual_optimization
 from lightning_parallel.pipeline import PipelineRunner, SplitModel, check_schedule, split_model
 from lightning_parallel.pipeline.cost import hardware_for
 from lightning_parallel.pipeline.split import drop_other_stages_params
@@ -236,6 +237,7 @@ class HybridParallel(ParallelStrategy):
         self._dp_mesh: Optional[DeviceMesh] = None
         self._runner: Optional[torch.nn.Module] = None  # the module every step enters through
         self._pipeline: Optional[PipelineRunner] = None
+        self._manual = None  # under manual optimization, averages the replicated parameters' gradients
         self._parallelized_module = None
         self._metric_group = None
         self._failed = False
@@ -311,6 +313,9 @@ class HybridParallel(ParallelStrategy):
             raise LayoutError(
                 f"HybridParallel does not support precision={precision!r}{why}: choose one of {SUPPORTED_PRECISION}."
             )
+        module = self.lightning_module  # known once fit or validate has begun (not at Trainer(...))
+        if module is not None and module.trainer.state.fn == TrainerFn.FITTING:
+            check_manual_optimization(module, self.layout.pp, self.layout_mode)
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -492,6 +497,11 @@ class HybridParallel(ParallelStrategy):
                                             self.root_device, self.reshard_per_micro_batch, tied)
             return None
         runner = StepRunner(module) if layout.dp > 1 else None
+        self._manual = None
+        if runner is not None and not module.automatic_optimization:
+            self._manual = apply_manual_data_parallel(runner, dp_mesh, mp_policy, self.dp_mesh.get_group())
+            self._fill(module, [runner], None, empty)
+            return runner
         if runner is not None and layout.dp_shard == 1 and layout.tp == 1:
             self._fill(module, [runner], None, empty)  # DDP wants values: it broadcasts rank 0's
             return replicate_with_ddp(runner, self.dp_mesh.get_group(), self.root_device, self.reduce_dtype)
@@ -616,7 +626,9 @@ class HybridParallel(ParallelStrategy):
         with self._loss_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
-    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        if self._manual is not None:
+            self._manual.check_averaged(self.lightning_module)
         if self._pipeline is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
 
@@ -627,6 +639,14 @@ class HybridParallel(ParallelStrategy):
             return result
 
         return super().optimizer_step(optimizer, closure_then_sum_tied, model, **kwargs)
+
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        if self._manual is not None:
+            self._manual.set_aside()
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        if self._manual is not None:
+            self._manual.average()
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:

@@ -358,3 +358,44 @@ class TensorOnEachRank(pl.Callback):
 
     def on_train_end(self, trainer, module):
         self._gather(module, "end")
+
+
+class ReductionsPerBackward(pl.Callback):
+    """The gradient elements handed to reducing collectives (all_reduce, reduce_scatter_single)
+    during each backward the strategy runs, `manual_backward` included: records
+    `reduced_per_backward`, one count per backward (rank 0)."""
+
+    ARGUMENT = {"all_reduce": "tensor", "reduce_scatter_single": "input"}
+
+    def __init__(self):
+        self.record = {"reduced_per_backward": []}
+
+    def setup(self, trainer, module, stage):
+        import inspect
+
+        import torch.distributed as dist
+
+        strategy, counts = trainer.strategy, self.record["reduced_per_backward"]
+        backward, originals = strategy.backward, {name: getattr(dist, name) for name in self.ARGUMENT}
+
+        def counting(name, sent):
+            signature = inspect.signature(originals[name])
+
+            def wrapper(*args, **kwargs):
+                sent[0] += signature.bind(*args, **kwargs).arguments[self.ARGUMENT[name]].numel()
+                return originals[name](*args, **kwargs)
+
+            return wrapper
+
+        def counting_backward(*args, **kwargs):
+            sent = [0]
+            for name in originals:
+                setattr(dist, name, counting(name, sent))
+            try:
+                return backward(*args, **kwargs)
+            finally:
+                for name, original in originals.items():
+                    setattr(dist, name, original)
+                counts.append(sent[0])
+
+        strategy.backward = counting_backward

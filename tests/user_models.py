@@ -10,6 +10,7 @@ parity spec ("tests.user_models:LlamaStyle") with the data factory it trains on:
     LearnedNoise  tests.user_models:regression_data   (tests.models:regression_data)
     ResNetStyle   tests.user_models:image_data        (size=32)
     UNetStyle     tests.user_models:denoise_data
+    GAN           tests.user_models:gan_data          (manual optimization, two optimizers)
 
 Conventions the parity harness relies on: every step logs "train_loss" and "val_loss" with
 sync_dist=True, training and validation steps call the model through self(...), and
@@ -443,6 +444,111 @@ class UNetStyle(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+
+
+# ---------------------------------------------------------------------------- GAN (manual optimization)
+
+
+def gan_data(n_train=64, n_val=16, d=8, latent=8, seed=2026):
+    """Real samples (a fixed smooth map of Gaussian noise) paired with the generator's latent
+    noise. The noise comes with the sample, where a user would draw it with torch.randn in the
+    step: a data-parallel rank must draw the same noise for a sample as one process does."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(d, d, generator=gen) / d**0.5
+
+    def split(n):
+        real = torch.tanh(torch.randn(n, d, generator=gen) @ w + 0.5)
+        return TensorDataset(real, torch.randn(n, latent, generator=gen))
+
+    return split(n_train), split(n_val)
+
+
+class Generator(nn.Module):
+    def __init__(self, latent, hidden, d):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(latent, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                                   nn.LeakyReLU(0.2), nn.Linear(hidden, d), nn.Tanh())
+
+    def forward(self, z):
+        return self.model(z)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(d, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+class GAN(pl.LightningModule):
+    """A GAN as Lightning's manual-optimization docs write one: `automatic_optimization = False`,
+    a generator and a discriminator optimizer, toggle_optimizer, manual_backward, opt.step(),
+    opt.zero_grad(). Two parameters sit bare on the LightningModule: the latent noise's learned
+    scale (read in forward) and a temperature only the discriminator's loss uses. `clip` clips each
+    optimizer's gradients by norm inside the step; `accumulate` steps every that many batches;
+    `optimizer="sgd"` trains with SGD, whose steps, unlike Adam's, follow the gradients' scale."""
+
+    def __init__(self, latent=8, d=8, hidden=32, lr=2e-3, clip=None, accumulate=1, optimizer="adam"):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.generator = Generator(latent, hidden, d)
+        self.discriminator = Discriminator(d, hidden)
+        self.noise_scale = nn.Parameter(torch.ones(latent))
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, z):
+        return self.generator(z * self.noise_scale)
+
+    def _logits(self, x):
+        return self.discriminator(x) / self.temperature
+
+    def _d_loss(self, real, fake):
+        real_loss = F.binary_cross_entropy_with_logits(self._logits(real), torch.ones(len(real), 1, device=real.device))
+        fake_loss = F.binary_cross_entropy_with_logits(self._logits(fake), torch.zeros(len(fake), 1, device=fake.device))
+        return (real_loss + fake_loss) / 2
+
+    def _g_loss(self, z):
+        return F.binary_cross_entropy_with_logits(self._logits(self(z)), torch.ones(len(z), 1, device=z.device))
+
+    def _update(self, opt, loss, batch_idx):
+        self.manual_backward(loss / self.hparams.accumulate)
+        if (batch_idx + 1) % self.hparams.accumulate == 0:
+            if self.hparams.clip is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.clip, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+
+    def training_step(self, batch, batch_idx):
+        real, z = batch
+        g_opt, d_opt = self.optimizers()
+
+        self.toggle_optimizer(d_opt)
+        d_loss = self._d_loss(real, self(z).detach())
+        self._update(d_opt, d_loss, batch_idx)
+        self.untoggle_optimizer(d_opt)
+
+        self.toggle_optimizer(g_opt)
+        g_loss = self._g_loss(z)
+        self._update(g_opt, g_loss, batch_idx)
+        self.untoggle_optimizer(g_opt)
+
+        self.log_dict({"d_loss": d_loss, "g_loss": g_loss}, sync_dist=True)
+        self.log("train_loss", d_loss + g_loss, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        real, z = batch
+        self.log("val_loss", self._d_loss(real, self(z)) + self._g_loss(z), sync_dist=True)
+
+    def configure_optimizers(self):
+        def make(params):
+            if self.hparams.optimizer == "sgd":
+                return torch.optim.SGD(params, lr=self.hparams.lr, momentum=0.9)
+            return torch.optim.AdamW(params, lr=self.hparams.lr, betas=(0.5, 0.999))
+
+        return make([*self.generator.parameters(), self.noise_scale]), make([*self.discriminator.parameters(), self.temperature])
 
 
 MODELS = {  # name: (model factory, data factory, data kwargs), for tests and specs

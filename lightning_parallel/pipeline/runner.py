@@ -28,6 +28,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from lightning_parallel.gradients import average_over
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.pipeline.declared import call_by_name
 from lightning_parallel.pipeline.schedules import build_eval_schedule, build_schedule, stages_of_rank
@@ -399,13 +400,7 @@ class PipelineRunner:
     def _average_outside_gradients(self) -> None:
         """Data parallelism for the parameters outside the forward: one all-reduce of their
         gradients (averaging already-averaged ones again changes nothing, so accumulation works)."""
-        grads = [p.grad for p in self.outside.values() if p.grad is not None]
-        if not grads or self.dp_group is None or dist.get_world_size(self.dp_group) == 1:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.dp_group)
-        for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
-            grad.copy_(averaged.view_as(grad))
+        average_over([p.grad for p in self.outside.values() if p.grad is not None], self.dp_group)
 
     def restore_gradients(self) -> None:
         for p, grad in self._set_aside:
