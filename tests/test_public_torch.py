@@ -141,10 +141,18 @@ def _attribute_uses(node: ast.AST) -> list[tuple[ast.AST, str]]:
 
 
 def _own_private_names(trees: dict[str, ast.AST]) -> set[str]:
-    """Private names the package defines: functions, classes, variables and `self._x` attributes."""
+    """Private names the package defines: functions, classes, variables and `self._x` attributes.
+    A method a subclass of a torch class defines is torch's name, not ours (a ParallelStyle's
+    `_apply`, say)."""
     names = set()
     for tree in trees.values():
+        bound = _imported_names(tree)
+        overrides = {id(item) for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                     and any(bound.get((_dotted(base) or "").split(".")[0], "").startswith("torch") for base in node.bases)
+                     for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
         for node in ast.walk(tree):
+            if id(node) in overrides:
+                continue
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
