@@ -54,8 +54,25 @@ def full_model_state(module: nn.Module, pp_group=None) -> dict[str, Any]:
 
 
 def sharded_model_state(module: nn.Module) -> dict[str, Any]:
-    """The parameters and buffers this rank holds (DTensor shards included), by original name."""
-    return {name: value for name, value in module.state_dict().items() if not value.is_meta}
+    """The parameters and buffers this rank holds (DTensor shards included), by original name;
+    a tied weight once, under its first name (`tied_aliases` gives its others)."""
+    aliases = tied_aliases(module)
+    return {name: value for name, value in module.state_dict().items() if not value.is_meta and name not in aliases}
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """{other name: first name} of each tensor the state dict holds under more than one name
+    (tied weights, such as an output head sharing the input embedding's weight)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if id(value) in first:
+            aliases[name] = first[id(value)]
+        else:
+            first[id(value)] = name
+    return aliases
 
 
 def sharded_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:

@@ -18,9 +18,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from lightning_parallel.checkpoint import META_FILE, check_complete, is_sharded_checkpoint
+from lightning_parallel.checkpoint import META_FILE, check_complete, is_sharded_checkpoint, tied_aliases
 
 HF_KEY = "hugging_face"  # meta.pt's record of the Hugging Face model the LightningModule wraps
+TIED_KEY = "tied_weights"  # meta.pt's {other name: first name} of tied weights, which the directory holds once
 MODEL_KEY = "state_dict"  # the model's entries in the directory; the optimizer's are "optimizer_states"
 
 
@@ -34,7 +35,10 @@ def consolidate(checkpoint_dir, output_file) -> None:
     process. The optimizer state is left out: it is kept per parameter name, not in torch's
     per-optimizer format, and a one-file checkpoint is for inference."""
     checkpoint = read_meta(checkpoint_dir)
-    checkpoint["state_dict"] = read_model_state(checkpoint_dir)
+    state = read_model_state(checkpoint_dir)
+    for alias, name in checkpoint.get(TIED_KEY, {}).items():  # one tensor under both names, as in the module
+        state[alias] = state[name]
+    checkpoint["state_dict"] = state
     torch.save(checkpoint, output_file)
 
 
@@ -181,6 +185,12 @@ def _as_save_pretrained_writes(model_class: type, config, state: dict[str, torch
     in the layout transformers converts from at load (a mixture of experts' experts one by one)."""
     with torch.device("meta"):  # the structure only: no memory, no initialization
         model = model_class(config)
+    aliases = tied_aliases(model)
+    for alias, source in aliases.items():  # a directory HybridParallel wrote holds a tied weight once
+        if alias in state and source not in state:
+            state[source] = state[alias]
+        if source in state and alias not in state:
+            state[alias] = state[source]
     missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
     if missing or unexpected:
         raise ExportError(
@@ -189,7 +199,7 @@ def _as_save_pretrained_writes(model_class: type, config, state: dict[str, torch
             "(adapters, replaced layers)? Export it as a Lightning checkpoint (--format lightning), load that with "
             "MyModule.load_from_checkpoint and save the Hugging Face model with save_pretrained yourself."
         )
-    for alias, source in _tied_aliases(model).items():
+    for alias, source in aliases.items():
         if not torch.equal(state[alias], state[source]):
             raise ExportError(
                 f"{alias} and {source} differ, but a {model_class.__name__} with this config ties them (e.g. "
@@ -204,17 +214,6 @@ def _as_save_pretrained_writes(model_class: type, config, state: dict[str, torch
     except ImportError:  # transformers 4 keeps weights in memory as they are saved
         return state
     return revert_weight_conversion(model, state)
-
-
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """{alias: first name} of the parameters registered under more than one name."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        first.setdefault(id(param), name)
-    return aliases
 
 
 def _unused_dir(path) -> Path:

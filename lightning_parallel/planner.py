@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Shard
 from torch.overrides import TorchFunctionMode
 
 from lightning_parallel.data_parallel import data_parallel_units
@@ -33,7 +34,7 @@ from lightning_parallel.pipeline.runner import capture_call, split_batch
 from lightning_parallel.pipeline.schedules import SCHEDULES, stages_of_rank
 from lightning_parallel.report import optimizer_states
 from lightning_parallel.tensor_parallel import resolve_plan
-from lightning_parallel.tensor_parallel.styles import canonical
+from lightning_parallel.tensor_parallel.styles import canonical, parameter_placement
 from lightning_parallel.throughput import first_tensor
 
 GiB = 1024**3
@@ -418,17 +419,8 @@ def _parameter_styles(module: nn.Module, plan: dict[str, str]) -> dict[str, tupl
 
 def _tp_shard_dim(style_entry) -> Optional[int]:
     """The dim DTensor's style shards a parameter along, None if replicated."""
-    if style_entry is None:
-        return None
-    style, kind, pname = style_entry
-    embedding = issubclass(kind, nn.Embedding)
-    if style in ("colwise", "colwise_gather_output"):
-        return 1 if embedding else 0
-    if style in ("rowwise", "embedding_rowwise", "rowwise_split_input"):
-        if embedding:
-            return 0
-        return 1 if pname == "weight" else None  # a rowwise Linear's bias is replicated
-    return None
+    placement = None if style_entry is None else parameter_placement(*style_entry)
+    return placement.dim if isinstance(placement, Shard) else None
 
 
 def _chunk(size: int, parts: int) -> int:

@@ -735,6 +735,7 @@ class HybridParallel(ParallelStrategy):
             rank_zero_warn(why)
             self._warned_lost_position = True
         checkpoint_dict["hugging_face"] = export.hf_record(self.lightning_module)  # for `consolidate --format hf`
+        checkpoint_dict[export.TIED_KEY] = checkpoint.tied_aliases(self.lightning_module)  # held once; consolidate restores
         checkpoint_dict["data_parallel"] = self.layout.dp
         # A preempted job is requeued (and killed) right after its save: that one is written now.
         background = self.async_save and fitting and not (self._requeue is not None and self._requeue.requeuing)

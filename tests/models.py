@@ -284,6 +284,21 @@ def pretrained_llama(path, lr=1e-3):
     return module
 
 
+def save_pretrained_llama(path, tie=False):
+    """A tiny Hugging Face Llama directory (safetensors) as `save_pretrained` writes it; returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # away from the init's values, so that init instead of the load shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    return model
+
+
 def llama_from_config(path, lr=1e-3):
     """The same model built from its config alone (empty, under HybridParallel); its weights
     come from HybridParallel(init_from=path)."""
@@ -292,3 +307,16 @@ def llama_from_config(path, lr=1e-3):
     module = TinyLlama(lr=lr, layers=0)
     module.model = LlamaForCausalLM(AutoConfig.from_pretrained(path, attn_implementation="sdpa"))
     return module
+
+
+class TiedGPT(GPT):
+    """The example GPT with its head tied to the token embedding (as GPT-2 ships): one weight."""
+
+    def build_layers(self):
+        super().build_layers()
+        self.head.weight = self.tok_emb.weight
+
+
+def tied_gpt(**overrides) -> TiedGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=1e-3)
+    return TiedGPT(**{**config, **overrides})

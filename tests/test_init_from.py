@@ -10,6 +10,7 @@ from lightning_parallel import parity
 from lightning_parallel.checkpoint import META_FILE
 from lightning_parallel.export import export_hf
 from tests.harness import reference, run
+from tests.models import save_pretrained_llama
 
 LAYOUTS = {
     "dp2_full": dict(data_parallel=2, sharding="full"),
@@ -25,17 +26,8 @@ def _devices(strategy: dict) -> int:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A Hugging Face Llama directory (safetensors), as `save_pretrained` writes it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(7)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # away from the init's values, so that init instead of the load shows
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path_factory.mktemp("pretrained") / "llama"
-    model.save_pretrained(path)
+    model = save_pretrained_llama(path)
     return path, {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
 

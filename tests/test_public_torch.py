@@ -47,9 +47,10 @@ MODULES = {
 # Private attributes on objects of unknown type: name -> (owner library, why).
 ATTRIBUTES = {
     "_parameters": ("torch", "nn.Module's slots, swapped in place to split, lend or strip tensors without "
-                    "Module.__setattr__'s checks (materialize.py, pipeline/split.py, pipeline/runner.py)"),
+                    "Module.__setattr__'s checks (materialize.py, pipeline/split.py, pipeline/runner.py, "
+                    "tensor_parallel/styles.py)"),
     "_buffers": ("torch", "nn.Module's buffer slots, replaced keeping persistence (materialize.py, "
-                 "pipeline/split.py)"),
+                 "pipeline/split.py, tensor_parallel/styles.py)"),
     "_apply": ("torch", "nn.Module._apply, the engine of .to() that also takes meta tensors and DTensor "
                "shards (materialize.py)"),
     "_reset_parameters": ("torch", "the init of torch.nn built-ins that spell it so (MultiheadAttention), "

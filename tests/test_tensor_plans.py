@@ -78,13 +78,6 @@ def test_grouped_query_heads_must_divide():
         resolve_plan(TinyLlama(), "auto", tp=4)
 
 
-def test_tied_weights_cannot_be_split_two_ways():
-    model = tiny_gpt()
-    model.head.weight = model.tok_emb.weight
-    with pytest.raises(LayoutError, match=r"head shares a weight with tok_emb; untie them"):
-        resolve_plan(model, GPT_PLAN, tp=2)
-
-
 def test_loss_parallel_needs_a_vocabulary_split_head():
     plan = {k: v for k, v in GPT_PLAN.items() if k != "head"}
     with pytest.raises(LayoutError, match=r"loss_parallel=True needs the output head in the plan"):

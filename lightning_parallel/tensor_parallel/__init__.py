@@ -12,12 +12,13 @@ from typing import Callable, Union
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from lightning_parallel.layout import LayoutError
 from lightning_parallel.tensor_parallel.infer import infer_plan
-from lightning_parallel.tensor_parallel.plans import check_plan, declared_plan, expand, format_plan
+from lightning_parallel.tensor_parallel.plans import check_plan, declared_plan, expand, format_plan, rotary_dim
 from lightning_parallel.tensor_parallel.styles import make_style
+from lightning_parallel.tensor_parallel.ties import retie, shared_parameters
 
 PlanSource = Union[str, dict, Callable[[nn.Module, DeviceMesh], None]]
 
@@ -32,13 +33,14 @@ def resolve_plan(
     elif tensor_plan == "auto":
         declared = declared_plan(module)
         if declared is not None:
+            declared, declared_by = declared
             if sequence_parallel:
                 raise LayoutError(
                     "sequence_parallel=True needs a tensor_plan that marks where the sequence is split "
                     "('shard_sequence') and which norms run on sequence shards ('sequence_parallel'); "
                     "the model's declared plan has neither. Pass tensor_plan explicitly."
                 )
-            source, plan = "declared by the model", expand(declared, module)
+            source, plan = "declared by the model", expand(declared, module, declared_by)
         else:
             if sequence_parallel:
                 raise LayoutError("sequence_parallel=True needs an explicit tensor_plan; 'auto' infers none.")
@@ -62,11 +64,19 @@ def resolve_plan(
 
 def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: dict[str, str],
                           sequence_parallel: bool, loss_parallel: bool, only: list[str] | None = None) -> None:
-    """Applies the plan; with `only` (the modules of this rank's pipeline stages), to those alone."""
+    """Applies the plan; with `only` (the modules of this rank's pipeline stages), to those alone.
+    Weights that modules share stay shared (see ties.py)."""
+    ties = shared_parameters(module)
     for name, style in plan.items():
-        if only is not None and name not in only:
+        rotary = rotary_dim(module, name) if style == "mla_kv_a_proj" else None
+        parallelize = make_style(style, sequence_parallel, loss_parallel, rotary)
+        if parallelize is None or (only is not None and name not in only):
             continue
-        parallelize_module(module.get_submodule(name), tp_mesh, make_style(style, sequence_parallel, loss_parallel))
+        if isinstance(parallelize, ParallelStyle):
+            parallelize_module(module.get_submodule(name), tp_mesh, parallelize)
+        else:
+            parallelize(module.get_submodule(name), tp_mesh)
+    retie(ties, only)
 
 
 __all__ = ["resolve_plan", "apply_tensor_parallel", "format_plan"]

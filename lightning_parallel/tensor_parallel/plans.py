@@ -11,12 +11,16 @@ import re
 from typing import Optional
 
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from lightning_parallel.layout import LayoutError
-from lightning_parallel.tensor_parallel.styles import canonical, check_style
+from lightning_parallel.tensor_parallel.styles import canonical, check_style, parameter_placement
+from lightning_parallel.tensor_parallel.ties import tie_problems
 
 Plan = dict[str, str]
 
+# What the dims of a splittable layer's weight are called, for messages.
+SPLIT_DIM_NAMES = {nn.Linear: ("out_features", "in_features"), nn.Embedding: ("num_embeddings", "embedding_dim")}
 # Attribute names under which modules (and Hugging Face configs) keep head counts.
 HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "num_key_value_heads", "n_kv_heads", "num_kv_heads")
 
@@ -26,14 +30,20 @@ def matches(glob: str, name: str) -> bool:
     return len(pattern) == len(parts) and all(fnmatch.fnmatchcase(p, g) for g, p in zip(pattern, parts))
 
 
-def expand(plan: Plan, module: nn.Module) -> dict[str, str]:
-    """Concrete module name -> canonical style. Every glob must match at least one module."""
+def expand(plan: Plan, module: nn.Module, declared_by: Optional[str] = None) -> dict[str, str]:
+    """Concrete module name -> canonical style. Every glob of a given plan must match a module.
+    A model's own plan (`declared_by` names the model) covers its family's dense and
+    mixture-of-experts layers alike: an entry matching no module of this model is skipped."""
     names = [name for name, _ in module.named_modules() if name]
     expanded: dict[str, str] = {}
     for glob, style in plan.items():
-        check_style(glob, style)
         hits = [name for name in names if matches(glob, name)]
-        if not hits:
+        names_a_parameter = not hits and any(matches(glob, name) for name, _ in module.named_parameters())
+        if hits or declared_by is None or names_a_parameter:
+            check_style(glob, style, declared_by)
+        if hits:
+            expanded.update(dict.fromkeys(hits, canonical(style)))
+        elif declared_by is None:
             last = glob.split(".")[-1]
             near = [n for n in names if fnmatch.fnmatchcase(n.split(".")[-1], last)][:5]
             hint = f" Modules with that last name: {near}." if near else ""
@@ -41,50 +51,67 @@ def expand(plan: Plan, module: nn.Module) -> dict[str, str]:
                 f"tensor_plan entry {glob!r} matches no module of the model.{hint} A '*' stands for exactly "
                 "one part of a dotted module name (e.g. 'blocks.*.mlp.fc1')."
             )
-        for name in hits:
-            expanded[name] = canonical(style)
+        elif names_a_parameter:
+            raise LayoutError(
+                f"{declared_by} declares tensor-parallel style {style!r} for the parameter {glob!r}: transformers "
+                "splits it inside its module's forward, which lightning_parallel does not do. Fix: give tensor_plan "
+                "explicitly, leaving that module unsplit, or use tensor_parallel=1."
+            )
+    if declared_by is not None and not expanded:
+        raise LayoutError(f"No entry of the tensor-parallel plan {declared_by} declares matches a module of the model. "
+                          "Pass tensor_plan explicitly.")
     return expanded
 
 
-def declared_plan(module: nn.Module) -> Optional[Plan]:
+def declared_plan(module: nn.Module) -> Optional[tuple[Plan, str]]:
     """The plan a model declares itself (Hugging Face transformers' `_tp_plan` /
-    `config.base_model_tp_plan`), with keys relative to `module`."""
+    `config.base_model_tp_plan`), with keys relative to `module`, and the model that declares
+    it (its class and model_type, for messages)."""
     for path, sub in module.named_modules():
-        plan = getattr(sub, "_tp_plan", None) or getattr(getattr(sub, "config", None), "base_model_tp_plan", None)
+        config = getattr(sub, "config", None)
+        plan = getattr(sub, "_tp_plan", None) or getattr(config, "base_model_tp_plan", None)
         if isinstance(plan, dict) and plan:
             prefix = f"{path}." if path else ""
-            return {prefix + key: style for key, style in plan.items()}
+            declared_by = f"{type(sub).__name__} (model_type={getattr(config, 'model_type', None)!r})"
+            return {prefix + key: style for key, style in plan.items()}, declared_by
     return None
 
 
 def check_plan(expanded: dict[str, str], module: nn.Module, tp: int) -> None:
     """Sizes the plan splits must divide by tp; attention heads must not be cut in half;
-    a weight tied between modules cannot be split two ways."""
+    a weight tied between modules must be split the same way in each."""
     problems = []
-    owners: dict[int, str] = {}
     for name, style in expanded.items():
-        sub = module.get_submodule(name)
-        problems += _size_problems(name, sub, style, tp)
-        for param in sub.parameters(recurse=False):
-            if id(param) in owners:
-                problems.append(f"{name} shares a weight with {owners[id(param)]}; untie them or leave one out of the plan")
-            owners[id(param)] = name
+        problems += _size_problems(name, module.get_submodule(name), style, tp)
+        if style == "mla_kv_a_proj" and rotary_dim(module, name) is None:
+            problems.append(f"{name} (mla_kv_a_proj): no config above it gives qk_rope_head_dim, the width of its "
+                            "rotary key part")
     problems += _head_problems(expanded, module, tp)
+    problems += tie_problems(expanded, module)
     if problems:
         raise LayoutError(f"The tensor-parallel plan cannot split this model {tp} ways:\n  - " + "\n  - ".join(problems))
 
 
+def rotary_dim(module: nn.Module, name: str) -> Optional[int]:
+    """The rotary key width (`qk_rope_head_dim`) in the config of the nearest module above `name`."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, -1, -1):
+        config = getattr(module.get_submodule(".".join(parts[:end])), "config", None)
+        if isinstance(getattr(config, "qk_rope_head_dim", None), int):
+            return config.qk_rope_head_dim
+    return None
+
+
 def _size_problems(name: str, sub: nn.Module, style: str, tp: int) -> list[str]:
-    if isinstance(sub, nn.Linear):
-        dim, size = ("in_features", sub.in_features) if style.startswith("rowwise") else ("out_features", sub.out_features)
-    elif isinstance(sub, nn.Embedding):
-        dim, size = ("num_embeddings", sub.num_embeddings) if style.endswith("rowwise") else ("embedding_dim", sub.embedding_dim)
-    elif style in ("colwise", "rowwise", "colwise_gather_output", "embedding_rowwise", "rowwise_split_input"):
+    placement = parameter_placement(style, type(sub), "weight")
+    if not isinstance(placement, Shard):
+        return []  # nothing split
+    kind = next((kind for kind in SPLIT_DIM_NAMES if isinstance(sub, kind)), None)
+    if kind is None:
         return [f"{name} is a {type(sub).__name__}; style {style!r} applies to nn.Linear and nn.Embedding only"]
-    else:
-        return []
+    size = sub.weight.shape[placement.dim]
     if size % tp:
-        return [f"{name} ({style}): {dim}={size} is not divisible by tensor_parallel={tp}"]
+        return [f"{name} ({style}): {SPLIT_DIM_NAMES[kind][placement.dim]}={size} is not divisible by tensor_parallel={tp}"]
     return []
 
 
