@@ -64,7 +64,7 @@ def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0
         out_file = Path(tmp, "record.pt")
         proc = run_processes(spec, out_file, pythonpath, timeout)
         if proc.returncode != 0 or not out_file.exists():
-            errors = sorted({line for line in proc.stderr.splitlines() if re.search(r"^(\[rank\d+\]: )?\w+(Error|Exception)\b", line)})
+            errors = sorted({line for line in proc.stderr.splitlines() if re.search(r"^(\[rank\d+\]: )?[\w.]+(Error|Exception)\b", line)})
             raise RuntimeError(
                 f"parity run failed (exit {proc.returncode}) for spec {spec}\n--- errors ---\n" + "\n".join(errors[:20])
                 + f"\n--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"

@@ -47,3 +47,9 @@ def shared_run(spec: dict) -> dict:
     if key not in _SHARED:
         _SHARED[key] = run(spec)
     return _SHARED[key]
+
+
+def ranks_reporting(failure: str, message: str) -> set[int]:
+    """The ranks whose error line in a failed run's report (`parity.run`'s RuntimeError) holds
+    `message`: "[rank1]: ...LayoutError: <message>"; a line without a rank counts as rank 0."""
+    return {int(rank or 0) for rank in re.findall(rf"^(?:\[rank(\d+)\]: )?[\w.]+: {re.escape(message)}", failure, re.M)}

@@ -7,7 +7,7 @@ from torch import nn
 from lightning_parallel import LayoutError
 from lightning_parallel.tensor_parallel import resolve_plan
 from lightning_parallel.tensor_parallel.infer import infer_plan
-from tests.harness import run
+from tests.harness import run, ranks_reporting
 from tests.models import GPT_PLAN, GPT_SP_PLAN, ResidualMLP, tiny_gpt
 
 
@@ -89,4 +89,4 @@ def test_bad_plan_fails_on_every_rank_without_hanging():
                 devices=2, strategy={"tensor_parallel": 2, "tensor_plan": {"blocks.*.attn.q": "colwise"}})
     with pytest.raises(RuntimeError) as err:
         run(spec)
-    assert str(err.value).count("LayoutError: tensor_plan entry 'blocks.*.attn.q' matches no module") == 2
+    assert ranks_reporting(str(err.value), "tensor_plan entry 'blocks.*.attn.q' matches no module") == {0, 1}
