@@ -135,3 +135,31 @@ def test_gpt2_under_pipeline_parallel():
                "strategy": {"pipeline_parallel": 2, "micro_batches": 4, "schedule": "interleaved_1f1b"}})
     check_parity("gpt2 pp=2 interleaved_1f1b", reference(spec), par)
     assert "tied across stages 0, 3: model.transformer.wte.weight = model.lm_head.weight" in par["output"]
+
+
+@pytest.mark.parametrize("layout", ["pp2_tp2", pytest.param("tp2", marks=pytest.mark.slow)])
+def test_gpt2_under_tensor_parallel(layout):
+    """GPT-2's Conv1D layers (transposed Linears) by a plan of our own: the fused q/k/v projection
+    split by heads, its tied embeddings split by vocabulary in both places."""
+    spec = {**hf_spec("gpt2", tie=True, optimizer="sgd", lr=0.5), "trainer": CLIPPED}
+    strategy = {"tensor_parallel": 2, **({"pipeline_parallel": 2, "micro_batches": 4} if layout == "pp2_tp2" else {})}
+    par = run({**spec, "devices": 4 if layout == "pp2_tp2" else 2, "strategy": strategy})
+    check_parity(f"gpt2 {layout}", reference(spec), par)
+    assert "Tensor-parallel plan (declared by the model), tp=2:" in par["output"]
+    assert "model.transformer.h.*.attn.c_attn: qkv_colwise" in par["output"]
+
+
+def test_gpt2_plan_checks():
+    from lightning_parallel import LayoutError
+    from lightning_parallel.tensor_parallel import resolve_plan
+    from tests.hf_models import HFCausalLM
+
+    module = HFCausalLM("gpt2", tie=True)
+    source, plan = resolve_plan(module, "auto", tp=2)
+    assert source == "declared by the model"
+    assert plan["model.transformer.h.0.attn.c_attn"] == "qkv_colwise" and plan["model.lm_head"] == "colwise_gather_output"
+    with pytest.raises(LayoutError, match=r"c_attn \(qkv_colwise\): nf=32 is not divisible by tensor_parallel=3"):
+        resolve_plan(module, "auto", tp=3)
+    with pytest.raises(LayoutError, match=r"is a Conv1D, whose styles take whole sequences"):
+        from lightning_parallel.tensor_parallel.conv1d import conv1d_style
+        conv1d_style("h.0.mlp.c_fc", "colwise", sequence_parallel=True)

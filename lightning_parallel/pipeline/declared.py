@@ -236,7 +236,9 @@ class DeclaredStage(nn.Module):
             if self.is_last:
                 return self.flat_output.flatten(self._model.forward(**call))
             output = self._base.forward(**{n: v for n, v in call.items() if n not in self._head_only})
-        return output[0]
+        # A fresh tensor: GPT-2's base forward returns a view (`.view(output_shape)`), which the
+        # split-backward schedules (zero_bubble, zbv, dualpipev) detach in place after use.
+        return output[0].clone()
 
     def publish_parameters(self) -> None:
         """Nothing to put back: the stage reads no parameter except through its modules."""

@@ -143,6 +143,10 @@ class TiedWeights:
             param = self.entry.get_parameter(tie.names[0])
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+            elif isinstance(param.grad, DTensor) and param.grad.placements != param.placements:
+                # A vocabulary-split embedding's gradient comes back whole: the copies are summed
+                # shard by shard.
+                param.grad = param.grad.redistribute(param.device_mesh, param.placements)
             dist.all_reduce(_local(param.grad), group=group)
 
     def counted_once(self, parameters: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from lightning_parallel.layout import LayoutError
+from lightning_parallel.tensor_parallel.conv1d import conv1d_style, is_conv1d, narrow_split_size
 from lightning_parallel.tensor_parallel.infer import infer_plan
 from lightning_parallel.tensor_parallel.plans import check_plan, declared_plan, expand, format_plan, rotary_dim
 from lightning_parallel.tensor_parallel.styles import make_style
@@ -68,14 +69,20 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: dict[str
     Weights that modules share stay shared (see ties.py)."""
     ties = shared_parameters(module)
     for name, style in plan.items():
-        rotary = rotary_dim(module, name) if style == "mla_kv_a_proj" else None
-        parallelize = make_style(style, sequence_parallel, loss_parallel, rotary)
+        sub = module.get_submodule(name)
+        if is_conv1d(sub):
+            parallelize = conv1d_style(name, style, sequence_parallel)
+        else:
+            rotary = rotary_dim(module, name) if style == "mla_kv_a_proj" else None
+            parallelize = make_style(style, sequence_parallel, loss_parallel, rotary)
         if parallelize is None or (only is not None and name not in only):
             continue
         if isinstance(parallelize, ParallelStyle):
-            parallelize_module(module.get_submodule(name), tp_mesh, parallelize)
+            parallelize_module(sub, tp_mesh, parallelize)
         else:
-            parallelize(module.get_submodule(name), tp_mesh)
+            parallelize(sub, tp_mesh)
+        if style == "qkv_colwise":
+            narrow_split_size(module.get_submodule(name.rpartition(".")[0]), sub, tp_mesh.size())
     retie(ties, only)
 
 

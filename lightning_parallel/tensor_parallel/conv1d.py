@@ -17,6 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from lightning_parallel.layout import LayoutError
+
 
 def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
@@ -57,3 +59,32 @@ class Conv1DParallel(ParallelStyle):
         rank, size = mesh.get_local_rank(), mesh.size()
         width = module.nf // self.parts // size
         return torch.cat([part.narrow(-1, rank * width, width) for part in full.chunk(self.parts, dim=-1)], dim=-1)
+
+
+# Plan styles on a Conv1D: (rowwise, parts, gather_output).
+CONV1D_STYLES = {"colwise": (False, 1, False), "colwise_gather_output": (False, 1, True), "rowwise": (True, 1, False),
+                 "qkv_colwise": (False, 3, False)}
+
+
+def conv1d_style(name: str, style: str, sequence_parallel: bool) -> Conv1DParallel:
+    if style not in CONV1D_STYLES:
+        raise LayoutError(f"{name} is a Conv1D; style {style!r} does not apply to it: use one of {sorted(CONV1D_STYLES)}.")
+    if sequence_parallel:
+        raise LayoutError(f"{name} is a Conv1D, whose styles take whole sequences: sequence_parallel=True is not "
+                          "supported with Conv1D layers (GPT-2). Leave it False.")
+    return Conv1DParallel(*CONV1D_STYLES[style])
+
+
+def conv1d_placement(style: str, param_name: str) -> Shard | Replicate | None:
+    if style not in CONV1D_STYLES:
+        return None
+    if CONV1D_STYLES[style][0]:  # rowwise: the input features, dim 0 of the transposed weight
+        return Shard(0) if param_name == "weight" else Replicate()
+    return Shard(1) if param_name == "weight" else Shard(0)
+
+
+def narrow_split_size(attention: nn.Module, fused: nn.Module, tp: int) -> None:
+    """GPT-2's attention splits its fused projection's output into q, k, v by `split_size`: each
+    rank now holds 1/tp of each."""
+    if getattr(attention, "split_size", None) == fused.nf // 3:
+        attention.split_size //= tp

@@ -14,6 +14,7 @@ from torch import nn
 from torch.distributed.tensor import Shard
 
 from lightning_parallel.layout import LayoutError
+from lightning_parallel.tensor_parallel.conv1d import is_conv1d
 from lightning_parallel.tensor_parallel.styles import canonical, check_style, parameter_placement
 from lightning_parallel.tensor_parallel.ties import tie_problems
 
@@ -63,13 +64,33 @@ def expand(plan: Plan, module: nn.Module, declared_by: Optional[str] = None) -> 
     return expanded
 
 
+# Plans for Hugging Face families that declare none, as transformers writes them: the base
+# model's entries, and the head model's.
+OWN_PLANS = {
+    "gpt2": ({"wte": "embedding_rowwise", "h.*.attn.c_attn": "qkv_colwise", "h.*.attn.c_proj": "rowwise",
+              "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+             {"lm_head": "colwise_gather_output"}),
+}
+
+
+def _own_plan(model: nn.Module) -> Optional[Plan]:
+    plans = OWN_PLANS.get(getattr(getattr(model, "config", None), "model_type", None))
+    base = getattr(model, "base_model", None)
+    if plans is None or not isinstance(base, nn.Module):
+        return None
+    if base is model:
+        return dict(plans[0])
+    prefix = next(name for name, sub in model.named_modules() if sub is base)
+    return {**{f"{prefix}.{k}": v for k, v in plans[0].items()}, **plans[1]}
+
+
 def declared_plan(module: nn.Module) -> Optional[tuple[Plan, str]]:
     """The plan a model declares itself (Hugging Face transformers' `_tp_plan` /
-    `config.base_model_tp_plan`), with keys relative to `module`, and the model that declares
-    it (its class and model_type, for messages)."""
+    `config.base_model_tp_plan`, or ours for a family that declares none: OWN_PLANS), with keys
+    relative to `module`, and the model that declares it (its class and model_type, for messages)."""
     for path, sub in module.named_modules():
         config = getattr(sub, "config", None)
-        plan = getattr(sub, "_tp_plan", None) or getattr(config, "base_model_tp_plan", None)
+        plan = getattr(sub, "_tp_plan", None) or getattr(config, "base_model_tp_plan", None) or _own_plan(sub)
         if isinstance(plan, dict) and plan:
             prefix = f"{path}." if path else ""
             declared_by = f"{type(sub).__name__} (model_type={getattr(config, 'model_type', None)!r})"
@@ -106,9 +127,13 @@ def _size_problems(name: str, sub: nn.Module, style: str, tp: int) -> list[str]:
     placement = parameter_placement(style, type(sub), "weight")
     if not isinstance(placement, Shard):
         return []  # nothing split
+    if is_conv1d(sub):  # a transposed Linear: weight (in, out)
+        parts = 3 if style == "qkv_colwise" else 1
+        dim_name, size = ("nx", sub.nx) if placement.dim == 0 else ("nf", sub.nf // parts)
+        return [f"{name} ({style}): {dim_name}={size} is not divisible by tensor_parallel={tp}"] if size % tp else []
     kind = next((kind for kind in SPLIT_DIM_NAMES if isinstance(sub, kind)), None)
     if kind is None:
-        return [f"{name} is a {type(sub).__name__}; style {style!r} applies to nn.Linear and nn.Embedding only"]
+        return [f"{name} is a {type(sub).__name__}; style {style!r} applies to nn.Linear, nn.Embedding and Conv1D only"]
     size = sub.weight.shape[placement.dim]
     if size % tp:
         return [f"{name} ({style}): {SPLIT_DIM_NAMES[kind][placement.dim]}={size} is not divisible by tensor_parallel={tp}"]

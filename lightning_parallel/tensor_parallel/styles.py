@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_parallel.layout import LayoutError
+from lightning_parallel.tensor_parallel.conv1d import conv1d_placement
 
 # What each style does, for error messages and the README.
 STYLES = {
@@ -37,6 +38,8 @@ STYLES = {
     "replicate": "left whole on every rank",
     "mla_kv_a_proj": "multi-head latent attention's key/value down-projection (DeepSeek): whole on every rank; "
                      "the gradient of its rotary key part, used by this rank's heads only, summed over the tp ranks",
+    "qkv_colwise": "a fused query/key/value Conv1D (GPT-2's c_attn) split by heads: each rank computes its heads' "
+                   "q, k and v (its attention module's split_size becomes 1/tp)",
     "sequence_parallel": "norm/dropout run on a sequence shard (needs sequence_parallel=True)",
     "shard_sequence": "the module's first input is split along the sequence (dim 1) here",
 }
@@ -97,6 +100,8 @@ def parameter_placement(style: str, module_type: type, param_name: str) -> Optio
     """How the DTensor style for `style` lays out a parameter of a module of `module_type` on the
     tp mesh (None: it stays a plain tensor)."""
     style = canonical(style)
+    if module_type.__name__ == "Conv1D":  # transformers' transposed Linear (GPT-2)
+        return conv1d_placement(style, param_name)
     embedding = issubclass(module_type, nn.Embedding)
     if style in ("colwise", "colwise_gather_output"):
         return Shard(1) if embedding else Shard(0)
@@ -142,6 +147,8 @@ def make_style(style: str, sequence_parallel: bool, loss_parallel: bool = False,
         return None
     if style == "sequence_parallel":
         return SequenceParallel()
+    if style == "qkv_colwise":
+        raise LayoutError("Style 'qkv_colwise' applies to a fused query/key/value Conv1D (GPT-2's c_attn) only.")
     if style == "shard_sequence":
         return PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(SEQ,), use_local_output=True)
     raise AssertionError(style)
