@@ -202,7 +202,7 @@ class HybridParallel(ParallelStrategy):
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         check_auto_layout(layout, machine, dict(
             data_parallel=data_parallel, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-            sharding=sharding, data_parallel_shard=data_parallel_shard, micro_batches=micro_batches, schedule=schedule,
+            expert_parallel=expert_parallel, sharding=sharding, data_parallel_shard=data_parallel_shard, micro_batches=micro_batches, schedule=schedule,
             activation_checkpointing=activation_checkpointing))
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
@@ -270,6 +270,7 @@ class HybridParallel(ParallelStrategy):
         self._requeue = None  # SLURM's requeue signal, acted on after a later optimizer step (a callback)
         self._ranks: list[Any] = []  # every rank's (host, node, mesh coordinate)
         self._report_sections: list[str] = []  # tensor plan and pipeline split, for the start-up report
+        self._experts_per_layer: list[int] = []  # each experts module's count, for the report
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -378,7 +379,8 @@ class HybridParallel(ParallelStrategy):
         if self.is_global_zero:
             precision = getattr(self.precision_plugin, "precision", "32-true")
             chosen, table = auto_layout.choose(self.lightning_module, step, batch, self.world_size, self.num_processes,
-                                               self.root_device, self.machine, precision, self.tensor_plan)
+                                               self.root_device, self.machine, precision, self.tensor_plan,
+                                               self.expert_plan)
         chosen, table = self.broadcast((chosen, table))
         if chosen is None:
             raise LayoutError(f"layout='auto' found no layout of {self.world_size} devices that fits:\n{table}")
@@ -436,7 +438,8 @@ class HybridParallel(ParallelStrategy):
                 drop_other_stages_params(self.optimizers)
         if reporting:
             held = report.gather_held(report.held_by(module, self.optimizers, fitting), self.root_device)
-            rank_zero_info(report.startup_report(self.layout, self._ranks, held, self._report_sections))
+            rank_zero_info(report.startup_report(self.layout, self._ranks, held, self._report_sections,
+                                                 self._experts_per_layer))
         self.setup_precision_plugin()
         self._requeue = defer_slurm_requeue(trainer, self.cluster_environment, self.root_device)
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
@@ -484,6 +487,7 @@ class HybridParallel(ParallelStrategy):
             self._report_sections.append(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
         experts = find_experts(module, self.expert_plan) if layout.ep > 1 else []
         check_expert_parallel(module, experts, layout.ep, self.expert_plan)
+        self._experts_per_layer = [module.get_submodule(name).num_experts for name in experts]
         if not empty:
             broadcast_module_state(module)
 
