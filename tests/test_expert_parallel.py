@@ -65,6 +65,10 @@ def test_the_planner_predicts_what_an_ep_rank_holds_and_offers_ep_for_experts_on
                  id="qwen3_moe_dp2_full"),
     pytest.param({**USER, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full",
                                                      "expert_plan": USER_EXPERTS}}, id="user_moe_dp2_full"),
+    pytest.param({**USER, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full",
+                                                     "expert_plan": USER_EXPERTS, "compile": True,
+                                                     "activation_checkpointing": "full"}},
+                 id="user_moe_dp2_full_compile_ac"),  # the dispatch runs outside the compiled graph, twice
     pytest.param({**MIXTRAL, "devices": 4, "strategy": {"data_parallel": 2, "tensor_parallel": 2, "expert_parallel": 2,
                                                         "sharding": "full"}}, id="mixtral_ep2_tp2_declared_plan"),
     pytest.param({**USER, "devices": 4, "strategy": {"data_parallel": 2, "tensor_parallel": 2, "expert_parallel": 2,
@@ -72,6 +76,12 @@ def test_the_planner_predicts_what_an_ep_rank_holds_and_offers_ep_for_experts_on
                  id="user_moe_ep2_tp2"),
     pytest.param({**QWEN, "devices": 4, "strategy": {"data_parallel": 4, "expert_parallel": 2, "sharding": "hybrid",
                                                      "data_parallel_shard": 2}}, id="qwen3_moe_dp4_hybrid"),
+    pytest.param({**QWEN, "devices": 4, "strategy": {"pipeline_parallel": 2, "data_parallel": 2, "expert_parallel": 2,
+                                                     "micro_batches": 2}}, id="qwen3_moe_pp2_dp2_ep2_declared_stages"),
+    pytest.param({**USER, "model_kwargs": {**USER["model_kwargs"], "n_layers": 4}, "devices": 4,
+                  "strategy": {"pipeline_parallel": 2, "data_parallel": 2, "expert_parallel": 2, "sharding": "full",
+                               "expert_plan": USER_EXPERTS, "micro_batches": 2, "schedule": "zbv"}},
+                 id="user_moe_pp2_dp2_ep2_zbv"),
 ])
 def test_expert_parallel_matches_one_process(spec):
     print(parity.assert_parity(reference(spec), run(spec)))
@@ -94,6 +104,21 @@ def test_a_checkpoint_saved_under_ep2_resumes_under_another_layout(tmp_path, dev
     second = run({**epochs, "trainer": {"max_epochs": 2}, "devices": devices, "strategy": strategy, "resume_from": path})
     parity.assert_losses_close(uninterrupted["losses"][:8], first["losses"])
     parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][8:]}, second)
+
+
+@pytest.mark.slow
+def test_experts_built_empty_are_equal_where_replicated_and_distinct_across_ep_ranks():
+    """dp=4 x ep=2, sharding none: ranks 0 and 2 (ep coordinate 0) hold the same experts, as do
+    1 and 3; each pair initialized its own (one rank's draws, broadcast over edp)."""
+    record = run({**USER, "devices": 4, "build": "empty", "callbacks": ["tests.probes:InitRecord"],
+                  "strategy": {"data_parallel": 4, "expert_parallel": 2, "expert_plan": USER_EXPERTS}})
+    assert not any(t.isnan().any() for t in record["init_full"].values())
+    sums = [tensors for _, tensors in record["init_ranks"]]
+    experts = [name for name in sums[0] if ".experts." in name]
+    assert experts
+    for name in experts:
+        assert sums[0][name] == sums[2][name] and sums[1][name] == sums[3][name], name
+        assert sums[0][name] != sums[1][name], name
 
 
 def test_the_router_aux_loss_of_two_halves_is_not_the_whole_batchs():
