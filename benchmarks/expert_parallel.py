@@ -2,6 +2,7 @@
 
     python benchmarks/expert_parallel.py                    # 3 pairs per model: docs/expert_parallel.md
     python benchmarks/expert_parallel.py --pairs 1 --steps 4 --no-write
+    python benchmarks/expert_parallel.py --doc-only         # the doc again from benchmarks/results/expert_parallel.json
 
 The same mixture-of-experts model, global batch, AdamW and fp32 on 2 CPU processes (gloo), both
 fully sharded over the 2 data-parallel ranks:
@@ -41,14 +42,28 @@ sys.path.insert(0, str(REPO))
 MIB = 2**20
 BATCH, SEQ_LEN, VOCAB = 16, 64, 512
 MODELS = {
-    "user MoE GPT": dict(model="tests.moe_models:moe_gpt", model_kwargs=dict(
+    "user MoE GPT": dict(model="tests.moe_models:moe_gpt", expert_plan=["blocks.*.mlp.experts"], model_kwargs=dict(
         vocab_size=VOCAB, seq_len=SEQ_LEN, d_model=256, n_heads=4, n_layers=4, num_experts=8, expert_hidden=1024)),
     "Qwen3-MoE": dict(model="tests.hf_models:HFCausalLM", model_kwargs=dict(
         family="qwen3_moe", vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=1024,
         num_experts=8, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
 }
 # What the figures show, for the doc (written from the measured runs).
-NOTES: list[str] = []
+NOTES = [
+    "Both sides hold the same state (each rank half of everything: ep2 half the experts, dp2 FSDP2's half of "
+    "each parameter), so the difference is in what moves and what is gathered. dp2 all-gathers each layer's "
+    "experts whole for the forward and again for the backward and reduce-scatters their gradients: about 3 x the "
+    "experts' bytes per rank and step (the user GPT's 4 layers x 8 x 2 x 256 x 1024 fp32 elements are 67 MB, "
+    "Qwen3-MoE's gated experts 101 MB), and the gathered "
+    "layer sits beside the shards. ep2 moves tokens instead: each (token, choice) row of 256 fp32 out and back, "
+    "forward and backward (1,024 rows per rank and layer here, 1 MB), plus a host read of the split sizes per "
+    "layer; its experts' gradients need no reduction at all (edp = 1). The expert compute per rank is the same on "
+    "both sides (each rank runs half the experts on twice the rows, or all of them on its own). Where tokens "
+    "outweigh experts (long sequences, small experts) or the all-to-all crosses nodes, the balance shifts; the "
+    "planner prices both.",
+    "The machine was shared with other jobs while these ran (load average 4-6 on 2 cores): single runs varied by "
+    "up to 2x, so the pairs' ranges are wide; the memory figures are steadier.",
+]
 SIDES = {"ep2": dict(data_parallel=2, expert_parallel=2, sharding="full"), "dp2": dict(data_parallel=2, sharding="full")}
 
 
@@ -72,10 +87,12 @@ def measure(model: dict, side: str, warmup: int, steps: int) -> dict:
     from lightning_parallel import parity
     from tests.harness import report_rows
 
+    model = dict(model)
+    strategy = dict(SIDES[side], **{"expert_plan": model.pop("expert_plan")} if "expert_plan" in model else {})
     spec = dict(model, data="tests.models:token_data",
                 data_kwargs=dict(n_train=BATCH * (warmup + steps), n_val=BATCH, seq_len=SEQ_LEN, vocab=VOCAB),
-                batch_size=BATCH, max_steps=warmup + steps, devices=2, strategy=SIDES[side], record_params=False,
-                trainer=dict(num_sanity_val_steps=0, limit_val_batches=0),
+                batch_size=BATCH, max_steps=warmup + steps, devices=2, strategy=strategy, record_params=False,
+                trainer=dict(num_sanity_val_steps=0),
                 callbacks=[["benchmarks.expert_parallel:StepClock", {"warmup": warmup}]])
     record = parity.run(spec, pythonpath=[str(REPO)], timeout=1800)
     rows = report_rows(record["output"])
@@ -126,9 +143,9 @@ def write_doc(path: Path, results: dict, meta: dict) -> None:
         "256, top-2, vocabulary 512); Qwen3-MoE is `transformers`' `Qwen3MoeForCausalLM` (hidden 256, 4 layers, 8 "
         "experts with moe_intermediate_size 1024, top-2, vocabulary 512, grouped matmul).",
         "",
-        *NOTES,
+        *[line for note in NOTES for line in (note, "")],
     ]
-    path.write_text("\n".join(doc) + "\n")
+    path.write_text("\n".join(doc).rstrip() + "\n")
 
 
 def main() -> None:
@@ -140,7 +157,12 @@ def main() -> None:
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "expert_parallel.json"))
     parser.add_argument("--doc", default=str(REPO / "docs" / "expert_parallel.md"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--doc-only", action="store_true")
     args = parser.parse_args()
+    if args.doc_only:
+        stored = json.loads(Path(args.json).read_text())
+        write_doc(Path(args.doc), stored["results"], stored["meta"])
+        return
     import torch
 
     results = {name: compare(name, args.pairs, args.warmup, args.steps) for name in args.models}

@@ -146,7 +146,9 @@ class ExpertDispatch:
     """The forward of an expert-parallel experts module (see the module's docstring). Gradients
     of the experts' parameters are divided by the ep degree here: they sum the contributions of
     the ep group's batches (the all-to-all's backward brings them back), and FSDP2 averages over
-    the edp ranks only, so dp = ep x edp batches make the mean one process computes."""
+    the edp ranks only, so dp = ep x edp batches make the mean one process computes. (FSDP2's
+    set_gradient_divide_factor would need sum reductions on gloo, which divide twice where a
+    shard group has one rank, as under sharding="none", in torch 2.13.)"""
 
     def __init__(self, experts: nn.Module, group) -> None:
         self.experts = experts
