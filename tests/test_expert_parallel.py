@@ -63,8 +63,9 @@ def test_the_planner_predicts_what_an_ep_rank_holds_and_offers_ep_for_experts_on
 @pytest.mark.parametrize("spec", [
     pytest.param({**QWEN, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full"}},
                  id="qwen3_moe_dp2_full"),
-    pytest.param({**USER, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full",
-                                                     "expert_plan": USER_EXPERTS}}, id="user_moe_dp2_full"),
+    pytest.param({**USER, "devices": 2, "trainer": {"gradient_clip_val": 0.5},
+                  "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full", "expert_plan": USER_EXPERTS}},
+                 id="user_moe_dp2_full_clipped"),  # the global norm counts each expert's gradient once
     pytest.param({**USER, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full",
                                                      "expert_plan": USER_EXPERTS, "compile": True,
                                                      "activation_checkpointing": "full"}},
@@ -103,7 +104,7 @@ def test_a_checkpoint_saved_under_ep2_resumes_under_another_layout(tmp_path, dev
                  "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full", "expert_plan": USER_EXPERTS}})
     second = run({**epochs, "trainer": {"max_epochs": 2}, "devices": devices, "strategy": strategy, "resume_from": path})
     parity.assert_losses_close(uninterrupted["losses"][:8], first["losses"])
-    parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][8:]}, second)
+    print(parity.assert_parity({**uninterrupted, "losses": uninterrupted["losses"][8:]}, second))
 
 
 @pytest.mark.slow
