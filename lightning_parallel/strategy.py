@@ -298,6 +298,11 @@ class HybridParallel(ParallelStrategy):
         return self._dp_mesh
 
     @property
+    def expert_mesh(self) -> Optional[DeviceMesh]:
+        """The experts' (pp, edp_replicate, edp_shard, ep, tp) mesh under expert_parallel > 1, else None."""
+        return self._expert_mesh
+
+    @property
     def root_device(self) -> torch.device:
         assert self.parallel_devices is not None
         return self.parallel_devices[self.local_rank]
