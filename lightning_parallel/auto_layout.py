@@ -19,7 +19,7 @@ from lightning_parallel.layout import LayoutError
 
 LAYOUT_CHOICES = ("given", "auto")
 # The arguments layout="auto" chooses, with the values that leave them to it.
-CHOSEN = {"data_parallel": "auto", "tensor_parallel": 1, "pipeline_parallel": 1, "sharding": "none",
+CHOSEN = {"data_parallel": "auto", "tensor_parallel": 1, "pipeline_parallel": 1, "expert_parallel": 1, "sharding": "none",
           "data_parallel_shard": "auto", "micro_batches": None, "schedule": "1f1b", "activation_checkpointing": "none"}
 
 
@@ -43,12 +43,12 @@ def default_machine(device: torch.device) -> str:
 
 
 def choose(module, step: str, batch, world_size: int, per_node: int, device: torch.device, machine: Optional[str],
-           precision: str, tensor_plan) -> tuple[Optional[planner.Option], str]:
+           precision: str, tensor_plan, expert_plan="auto") -> tuple[Optional[planner.Option], str]:
     """(the first layout that fits, or None; the ranked table to show). Runs on one rank."""
     preset = replace(planner.MACHINES[machine or default_machine(device)], devices_per_node=per_node)
     on_meta = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, batch)
     predictions = planner.plan_per_rank_batch(planner.meta_copy(module), on_meta, world_size, preset, precision,
-                                              tensor_plan, step)
+                                              tensor_plan, step, expert_plan=expert_plan)
     first = next((p for p in predictions if p.fits), None)
     return (first.option if first else None), planner.format_plan(predictions, top=5)
 
@@ -57,6 +57,7 @@ def applied(strategy, option: planner.Option) -> None:
     """Sets the strategy's arguments to the chosen layout's."""
     strategy.data_parallel, strategy.tensor_parallel = option.dp, option.tp
     strategy.pipeline_parallel, strategy.sharding = option.pp, option.sharding
+    strategy.expert_parallel = option.ep
     strategy.data_parallel_shard = option.dp_shard if option.sharding == "hybrid" else "auto"
     strategy.schedule, strategy.activation_checkpointing = option.schedule, option.activation_checkpointing
     strategy.micro_batches = option.micro_batches if option.pp > 1 else 2 * option.pp

@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     planning.add_argument("--machine", default="cpu", choices=sorted(_machines()), help="hardware preset")
     planning.add_argument("--precision", default="32-true")
     planning.add_argument("--tensor-plan", default=None, help="a tensor plan as JSON (default: the config's, or 'auto')")
+    planning.add_argument("--expert-plan", default=None, help="experts modules as a JSON list of module-name globs "
+                          "(default: the config's, or 'auto': the model's declared ones)")
     planning.add_argument("--top", type=int, default=10, help="layouts to list")
     planning.add_argument("--pythonpath", action="append", default=[],
                           help="a directory to import the model from (e.g. examples, for the main job's gpt.GPT)")
@@ -77,16 +79,18 @@ def _plan(args, parser) -> None:
 
     sys.path[:0] = args.pythonpath
     if args.config:
-        module, batch, tensor_plan = _from_config(args)
+        module, batch, tensor_plan, expert_plan = _from_config(args)
     else:
         if not args.batch:
             parser.error("--model needs --batch, e.g. --batch 'int64[32,256]*2'")
         module = planner.build_on_meta(_import(args.model), **json.loads(args.kwargs))
-        batch, tensor_plan = _meta_batch(args.batch), "auto"
+        batch, tensor_plan, expert_plan = _meta_batch(args.batch), "auto", "auto"
     if args.tensor_plan:
         tensor_plan = json.loads(args.tensor_plan)
+    if args.expert_plan:
+        expert_plan = json.loads(args.expert_plan)
     machine = planner.MACHINES[args.machine]
-    predictions = planner.plan(module, batch, args.world, machine, args.precision, tensor_plan)
+    predictions = planner.plan(module, batch, args.world, machine, args.precision, tensor_plan, expert_plan=expert_plan)
     print(f"{len(predictions)} layouts of {args.world} devices on {machine.name}, fastest first:")
     print(planner.format_plan(predictions, args.top))
     best = next((p for p in predictions if p.fits), None)
@@ -121,7 +125,7 @@ if __name__ == "__main__":
 
 def _from_config(args):
     """The config's model on meta, its data module's first training batch tiled to the global
-    batch, and its tensor plan."""
+    batch, and its tensor and expert plans."""
     import torch
     from torch.utils._pytree import tree_map
 
@@ -148,4 +152,5 @@ def _from_config(args):
                      if isinstance(t, torch.Tensor) else t, per_rank)
     plan = strategy.get("tensor_plan", "auto")
     plan = dict(plan) if hasattr(plan, "items") else plan
-    return module, batch, plan
+    expert_plan = strategy.get("expert_plan", "auto")
+    return module, batch, plan, expert_plan if expert_plan == "auto" else list(expert_plan)

@@ -19,6 +19,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 # the most, are made of consecutive ranks and so stay inside one node; for the same reason
 # FSDP's shard groups (all-gathers in every block) sit inside the replicas (one all-reduce).
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# The experts' mesh: the same ranks in the same order, the data-parallel ones regrouped as
+# (edp_replicate x edp_shard) x ep, ep innermost (a rank's dp index is edp index * ep + ep index).
+# Each ep group holds every expert once, spread over ranks that read different batches.
+EXPERT_MESH_DIMS = ("pp", "edp_replicate", "edp_shard", "ep", "tp")
 SHARDING_CHOICES = ("none", "full", "hybrid")
 
 Degree = Union[int, str]
@@ -83,20 +87,43 @@ def resolve_shard_degree(sharding: str, dp: int, data_parallel_shard: Degree, pe
     return data_parallel_shard
 
 
+def check_expert_degree(ep: int, dp: int, dp_shard: int, sharding: str) -> None:
+    """Expert parallelism shards experts over `ep` of the data-parallel ranks: it must divide dp,
+    and under hybrid sharding nest with the shard groups."""
+    check_degree("expert_parallel", ep)
+    if dp % ep:
+        raise LayoutError(
+            f"expert_parallel={ep} does not divide the data-parallel degree {dp}: experts are sharded over groups of "
+            f"expert_parallel data-parallel ranks (each reading its own batch), and the {dp} data-parallel ranks must "
+            f"form whole groups. Choose a divisor of {dp}, or raise data_parallel."
+        )
+    if sharding == "hybrid" and dp_shard % ep and ep % dp_shard:
+        raise LayoutError(
+            f"expert_parallel={ep} and data_parallel_shard={dp_shard}: under sharding='hybrid' one must divide the "
+            "other, so that a group of expert ranks lies inside one shard group (a node) or spans whole ones. "
+            "Choose an expert_parallel that divides data_parallel_shard (or a multiple of it)."
+        )
+
+
 @dataclass(frozen=True)
 class Layout:
     """Degrees of pipeline (pp), data (dp) and tensor (tp) parallelism; pp * dp * tp == world size.
     The dp ranks form dp_replicate groups of dp_shard ranks: parameters are sharded within a
-    group and replicated across groups (dp_shard is 1 when replicating, dp under full sharding)."""
+    group and replicated across groups (dp_shard is 1 when replicating, dp under full sharding).
+    Experts (of a mixture-of-experts model) are sharded over groups of ep consecutive dp ranks,
+    and sharded or replicated over the edp = dp / ep ranks that hold the same experts as the
+    dense parameters are over dp."""
 
     pp: int
     dp: int
     tp: int
     dp_shard: int = 1
+    ep: int = 1
 
     @classmethod
     def resolve(cls, world_size: int, data_parallel: Degree, tensor_parallel: int, pipeline_parallel: int,
-                sharding: str = "none", data_parallel_shard: Degree = "auto", per_node: int = 1) -> Layout:
+                sharding: str = "none", data_parallel_shard: Degree = "auto", per_node: int = 1,
+                expert_parallel: int = 1) -> Layout:
         """Fills in data_parallel="auto" (and data_parallel_shard) and checks that the degrees
         tile the world exactly."""
         check_degree("data_parallel", data_parallel, allow_auto=True)
@@ -121,11 +148,24 @@ class Layout:
             )
         # tp is the innermost dim: a node of `per_node` processes holds per_node / tp data-parallel ranks.
         dp_shard = resolve_shard_degree(sharding, data_parallel, data_parallel_shard, per_node // tensor_parallel)
-        return cls(pp=pipeline_parallel, dp=data_parallel, tp=tensor_parallel, dp_shard=dp_shard)
+        check_expert_degree(expert_parallel, data_parallel, dp_shard, sharding)
+        return cls(pp=pipeline_parallel, dp=data_parallel, tp=tensor_parallel, dp_shard=dp_shard, ep=expert_parallel)
 
     @property
     def dp_replicate(self) -> int:
         return self.dp // self.dp_shard
+
+    @property
+    def edp(self) -> int:
+        """The data-parallel ranks that hold the same experts."""
+        return self.dp // self.ep
+
+    @property
+    def edp_shard(self) -> int:
+        """Of those, how many shard the experts among themselves: the shard groups of the dense
+        parameters regrouped (an ep group inside a shard group leaves dp_shard / ep of them;
+        one spanning shard groups, 1)."""
+        return self.dp_shard // self.ep if self.dp_shard % self.ep == 0 else 1
 
     @property
     def world_size(self) -> int:
@@ -146,10 +186,18 @@ class Layout:
             mesh["tp"]._flatten("tensor_parallel")
         return mesh, dp_mesh
 
+    def build_expert_mesh(self, device_type: str) -> DeviceMesh:
+        """The experts' (pp, edp_replicate, edp_shard, ep, tp) mesh over the same ranks, in the
+        same order as `build_mesh`'s (see EXPERT_MESH_DIMS)."""
+        shape = (self.pp, self.edp // self.edp_shard, self.edp_shard, self.ep, self.tp)
+        return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_MESH_DIMS)
+
     def __str__(self) -> str:
+        experts = f" (experts over ep={self.ep} x edp={self.edp})" if self.ep > 1 else ""
         if 1 < self.dp_shard < self.dp:
-            return f"pp={self.pp} x dp={self.dp} ({self.dp_replicate} replicas x {self.dp_shard} shards) x tp={self.tp}"
-        return f"pp={self.pp} x dp={self.dp} x tp={self.tp}"
+            return (f"pp={self.pp} x dp={self.dp} ({self.dp_replicate} replicas x {self.dp_shard} shards){experts} "
+                    f"x tp={self.tp}")
+        return f"pp={self.pp} x dp={self.dp}{experts} x tp={self.tp}"
 
 
 def tensor_groups_across_nodes(layout: Layout, node_of_rank: Sequence[int]) -> list[list[int]]:

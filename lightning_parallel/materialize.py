@@ -191,13 +191,18 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def initialize(module: nn.Module, device: torch.device, mesh: DeviceMesh, seed: int, loaded: set[str] = frozenset()) -> None:
+def initialize(module: nn.Module, device: torch.device, mesh: DeviceMesh, seed: int, loaded: set[str] = frozenset(),
+               expert_mesh: DeviceMesh | None = None) -> None:
     """Runs the inits of what this rank holds (of modules not wholly `loaded` by a checkpoint),
-    with a seed of its own (`seed` is the same on every rank), and makes replicas equal."""
+    with a seed of its own (`seed` is the same on every rank), and makes replicas equal (the
+    experts' over the `expert_mesh` dims that replicate them)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _quiet_cpu_dtensor_rng():
         _seed_this_rank(seed, mesh, device)
         run_inits(module, loaded)
-    _make_replicas_equal(module, mesh)
+    tensors = _tensors(module)
+    _make_replicas_equal([t for t in tensors if not _is_expert(t)], mesh, ("tp", "dp_shard", "dp_replicate"))
+    if expert_mesh is not None:
+        _make_replicas_equal([t for t in tensors if _is_expert(t)], expert_mesh, ("tp", "edp_shard", "edp_replicate"))
 
 
 @torch.no_grad()
@@ -230,14 +235,20 @@ def _quiet_cpu_dtensor_rng() -> Iterator[None]:
         yield
 
 
-def _make_replicas_equal(module: nn.Module, mesh: DeviceMesh) -> None:
-    """Broadcasts each tensor replicated over a tensor- or data-parallel mesh dim from the dim's
-    first rank (a plain tensor is replicated over every dim; a DTensor where it is not sharded)."""
-    for dim in ("tp", "dp_shard", "dp_replicate"):
+def _is_expert(t: torch.Tensor) -> bool:
+    """Whether `t` is an expert-parallel parameter (a DTensor on the experts' mesh)."""
+    return isinstance(t, DTensor) and "ep" in (t.device_mesh.mesh_dim_names or ())
+
+
+def _make_replicas_equal(tensors: list[torch.Tensor], mesh: DeviceMesh, dims: tuple[str, ...]) -> None:
+    """Broadcasts each tensor replicated over one of `mesh`'s tensor- or data-parallel `dims` from
+    the dim's first rank (a plain tensor is replicated over every dim; a DTensor where it is not
+    sharded)."""
+    for dim in dims:
         if mesh[dim].size() == 1:
             continue
         group = mesh[dim].get_group()
-        for t in _tensors(module):
+        for t in tensors:
             if not t.is_meta and _replicated_over(t, dim):
                 local = t.to_local() if isinstance(t, DTensor) else t
                 dist.broadcast(local.data, group=group, group_src=0)

@@ -1,7 +1,7 @@
 """Which layout to run: every valid layout for a world size, with the memory each rank will hold
 and the step time, predicted from the model built on the meta device (no weights needed).
 
-A layout here is the degrees (pp, dp, tp), the sharding, the pipeline schedule and micro-batches,
+A layout here is the degrees (pp, dp, tp, and ep for a model with experts), the sharding, the pipeline schedule and micro-batches,
 and activation checkpointing. For each, the planner applies the project's own decisions without
 running anything: the pipeline cut (`cut_stages`, the split a run would make), the tensor plan
 (`resolve_plan`) and the sharding rules of FSDP2 (dim 0 in chunks), so that the elements it
@@ -9,7 +9,9 @@ predicts per rank are the ones a run holds. Activations are measured on meta: th
 saves for one micro-batch of each stage, with and without checkpointing, kept in flight as the
 schedule does. Step time adds compute (counted FLOPs and bytes per op, as the pipeline balancer
 counts them), the pipeline bubble, tensor-parallel all-reduces, pipeline sends and data-parallel
-gradient traffic, less the overlap each allows.
+gradient traffic, less the overlap each allows; under expert parallelism, each rank holds 1/ep of
+the experts (sharded further over the edp ranks as FSDP2 does) and pays the dispatch's
+all-to-alls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch.distributed.tensor import Shard
 from torch.overrides import TorchFunctionMode
 
 from lightning_parallel.data_parallel import data_parallel_units
+from lightning_parallel.expert_parallel import find_experts
 from lightning_parallel.layout import Layout, LayoutError
 from lightning_parallel.pipeline import cut_stages
 from lightning_parallel.pipeline.cost import CPU, Hardware, OpCost
@@ -91,10 +94,11 @@ class Option:
     schedule: str = "1f1b"
     micro_batches: int = 1
     activation_checkpointing: str = "none"
+    ep: int = 1  # expert parallelism, within dp
 
     @property
     def layout(self) -> Layout:
-        return Layout(pp=self.pp, dp=self.dp, tp=self.tp, dp_shard=self.dp_shard)
+        return Layout(pp=self.pp, dp=self.dp, tp=self.tp, dp_shard=self.dp_shard, ep=self.ep)
 
     @property
     def schedule_spec(self):
@@ -112,6 +116,8 @@ class Option:
                                 "pipeline_parallel": self.pp, "sharding": self.sharding}
         if self.sharding == "hybrid":
             args["data_parallel_shard"] = self.dp_shard
+        if self.ep > 1:
+            args["expert_parallel"] = self.ep
         if self.pp > 1:
             args.update(schedule=self.schedule, micro_batches=self.micro_batches)
         if self.activation_checkpointing != "none":
@@ -153,10 +159,12 @@ class StepTime:
     tensor_parallel: float
     pipeline_sends: float
     data_parallel: float  # exposed (not overlapped) gradient and parameter traffic
+    expert_dispatch: float = 0.0  # the all-to-alls of expert parallelism
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.tensor_parallel + self.pipeline_sends + self.data_parallel
+        return (self.compute + self.bubble + self.tensor_parallel + self.pipeline_sends + self.data_parallel
+                + self.expert_dispatch)
 
 
 @dataclass
@@ -187,6 +195,7 @@ class _Model:
     step: str
     optimizer_states: int
     tensor_plan: Any
+    experts: dict[str, int]  # experts module name -> its number of experts
     cache: dict = field(default_factory=dict)  # stage cuts, saved bytes, seconds, tensor sizes
     plans: dict = field(default_factory=dict)  # tp -> resolved tensor plan
 
@@ -219,9 +228,10 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 
 def predict(module: nn.Module, batch, option: Option, machine: Machine, precision: str = "32-true",
-            tensor_plan="auto", step: str = "training_step", _model: Optional[_Model] = None) -> Prediction:
+            tensor_plan="auto", step: str = "training_step", _model: Optional[_Model] = None,
+            expert_plan="auto") -> Prediction:
     """Memory per rank and step time of `module` trained on the global `batch` under `option`."""
-    model = _model or _measure_model(module, batch, precision, step, tensor_plan)
+    model = _model or _measure_model(module, batch, precision, step, tensor_plan, expert_plan)
     try:
         _check_option(option, model)
         memory = _memory(model, option, machine)
@@ -238,31 +248,35 @@ def predict(module: nn.Module, batch, option: Option, machine: Machine, precisio
 
 def plan(module: nn.Module, batch, world_size: int, machine: Machine, precision: str = "32-true",
          tensor_plan="auto", step: str = "training_step",
-         activation_checkpointing=("none", "full"), schedules=("1f1b", "interleaved_1f1b", "zbv")) -> list[Prediction]:
+         activation_checkpointing=("none", "full"), schedules=("1f1b", "interleaved_1f1b", "zbv"),
+         expert_plan="auto") -> list[Prediction]:
     """Every valid layout of `world_size` devices, those that fit first, fastest first; each
     with its predicted memory per rank and step time (the refused ones with their reason)."""
-    model = _measure_model(module, batch, precision, step, tensor_plan)
+    model = _measure_model(module, batch, precision, step, tensor_plan, expert_plan)
     predictions = [predict(module, batch, option, machine, precision, tensor_plan, step, _model=model)
                    for option in candidate_options(world_size, model.global_batch, machine.devices_per_node,
-                                                   activation_checkpointing, schedules)]
+                                                   activation_checkpointing, schedules,
+                                                   experts=list(model.experts.values()))]
     return _ranked(predictions)
 
 
 def plan_per_rank_batch(module: nn.Module, per_rank_batch, world_size: int, machine: Machine,
                         precision: str = "32-true", tensor_plan="auto", step: str = "training_step",
                         activation_checkpointing=("none", "full"),
-                        schedules=("1f1b", "interleaved_1f1b", "zbv")) -> list[Prediction]:
+                        schedules=("1f1b", "interleaved_1f1b", "zbv"), expert_plan="auto") -> list[Prediction]:
     """As `plan`, for a DataLoader whose batch size is per data-parallel rank (Lightning's
     meaning): each layout trains on that batch times its data-parallel degree, so layouts are
     ranked by seconds per sample."""
     size = batch_size(per_rank_batch)
     models: dict[int, _Model] = {}
     predictions = []
+    experts = find_experts(module, expert_plan)
+    counts = [module.get_submodule(name).num_experts for name in experts]
     for option in candidate_options(world_size, size * world_size, machine.devices_per_node,
-                                    activation_checkpointing, schedules, per_rank_batch=size):
+                                    activation_checkpointing, schedules, per_rank_batch=size, experts=counts):
         if option.dp not in models:
             batch = _tiled(per_rank_batch, option.dp)
-            models[option.dp] = _measure_model(module, batch, precision, step, tensor_plan)
+            models[option.dp] = _measure_model(module, batch, precision, step, tensor_plan, expert_plan)
         model = models[option.dp]
         predictions.append(predict(module, model.batch, option, machine, precision, tensor_plan, step, _model=model))
     return _ranked(predictions)
@@ -279,9 +293,11 @@ def _tiled(batch, times: int):
 
 
 def candidate_options(world_size: int, global_batch: int, per_node: int, activation_checkpointing=("none",),
-                      schedules=("1f1b",), per_rank_batch: Optional[int] = None) -> Iterator[Option]:
+                      schedules=("1f1b",), per_rank_batch: Optional[int] = None,
+                      experts: list[int] = ()) -> Iterator[Option]:
     """With `per_rank_batch`, every data-parallel rank's batch is that (the global batch grows
-    with dp); else `global_batch` is divided over the data-parallel ranks."""
+    with dp); else `global_batch` is divided over the data-parallel ranks. `experts`: the number
+    of experts of each MoE layer (none for a dense model), whose divisors within dp are ep degrees."""
     for pp in _divisors(world_size):
         for tp in _divisors(world_size // pp):
             if tp > per_node or per_node % tp:
@@ -291,9 +307,10 @@ def candidate_options(world_size: int, global_batch: int, per_node: int, activat
                 continue
             per_rank = per_rank_batch if per_rank_batch is not None else global_batch // dp
             for sharding, dp_shard in _shardings(dp, per_node // tp):
-                for schedule, micro_batches in _pipelines(pp, per_rank, schedules):
-                    for ac in activation_checkpointing:
-                        yield Option(pp, dp, tp, sharding, dp_shard, schedule, micro_batches, ac)
+                for ep in _expert_degrees(dp, dp_shard, sharding, experts):
+                    for schedule, micro_batches in _pipelines(pp, per_rank, schedules):
+                        for ac in activation_checkpointing:
+                            yield Option(pp, dp, tp, sharding, dp_shard, schedule, micro_batches, ac, ep)
 
 
 def _divisors(n: int) -> list[int]:
@@ -308,6 +325,15 @@ def _shardings(dp: int, dp_per_node: int) -> list[tuple[str, int]]:
     if 1 < shard < dp:
         options.append(("hybrid", shard))
     return options
+
+
+def _expert_degrees(dp: int, dp_shard: int, sharding: str, experts: list[int]) -> list[int]:
+    """1, and for a model with experts every ep within dp that divides each layer's experts and,
+    under hybrid sharding, nests with the shard groups."""
+    if not experts:
+        return [1]
+    return [ep for ep in _divisors(dp) if all(count % ep == 0 for count in experts)
+            and (sharding != "hybrid" or dp_shard % ep == 0 or ep % dp_shard == 0)]
 
 
 def _pipelines(pp: int, per_rank_batch: int, schedules) -> list[tuple[str, int]]:
@@ -325,10 +351,11 @@ def _pipelines(pp: int, per_rank_batch: int, schedules) -> list[tuple[str, int]]
 # ----------------------------------------------------------------- measuring the model
 
 
-def _measure_model(module, batch, precision: str, step: str, tensor_plan) -> _Model:
+def _measure_model(module, batch, precision: str, step: str, tensor_plan, expert_plan="auto") -> _Model:
     if precision not in DTYPE_BYTES:
         raise LayoutError(f"precision={precision!r}: the planner knows {sorted(DTYPE_BYTES)}.")
-    return _Model(module, batch, batch_size(batch), precision, step, _optimizer_states(module), tensor_plan)
+    experts = {name: module.get_submodule(name).num_experts for name in find_experts(module, expert_plan)}
+    return _Model(module, batch, batch_size(batch), precision, step, _optimizer_states(module), tensor_plan, experts)
 
 
 def batch_size(batch) -> int:
@@ -393,11 +420,13 @@ def _memory(model: _Model, option: Option, machine: Machine) -> Memory:
     spec = option.schedule_spec
     plan = _tensor_plan(model, option.tp)
     styles = _parameter_styles(model.module, plan)
+    expert_params = {f"{name}.{p}" for name in model.experts for p, _ in model.module.get_submodule(name).named_parameters()}
     params_by_rank = []
     for pp_rank in range(option.pp):
         held = cut.held_names(model.module, stages_of_rank(spec, pp_rank, option.pp) if option.pp > 1 else [0])
         params = [(name, p) for name, p in model.module.named_parameters() if name in held]
-        params_by_rank.append(sum(_local_elements(p, styles.get(name), option) for name, p in params))
+        params_by_rank.append(sum(_local_elements(p, styles.get(name), option, name in expert_params)
+                                  for name, p in params))
     params = max(params_by_rank)
     trainable = params  # frozen parameters are rare in the models planned; counted as trainable
     dtype_bytes = DTYPE_BYTES[model.precision]
@@ -428,12 +457,14 @@ def _chunk(size: int, parts: int) -> int:
     return -(-size // parts)
 
 
-def _local_elements(param: torch.Tensor, style_entry, option: Option) -> int:
+def _local_elements(param: torch.Tensor, style_entry, option: Option, expert: bool = False) -> int:
     shape = list(param.shape)
     dim = _tp_shard_dim(style_entry)
     if dim is not None and option.tp > 1 and shape:
         shape[dim] = _chunk(shape[dim], option.tp)
     shards = option.dp if option.sharding == "full" else option.dp_shard if option.sharding == "hybrid" else 1
+    if expert:  # 1/ep of the experts, sharded over the ranks holding the same ones
+        shape[0], shards = shape[0] // option.ep, option.layout.edp_shard
     if shards > 1 and shape:
         shape[0] = _chunk(shape[0], shards)
     return math.prod(shape)
@@ -537,7 +568,7 @@ def _saved_bytes(model: _Model, micro_batch, activation_checkpointing: str) -> t
 
 @contextmanager
 def _on_meta() -> Iterator[None]:
-    with torch.device("meta"), _FusedAttention(None):
+    with torch.device("meta"), _FusedKernels(None):
         yield
 
 
@@ -551,11 +582,13 @@ class _StepCost(OpCost):
         return super()._price(func, args, kwargs, out)
 
 
-class _FusedAttention(TorchFunctionMode):
+class _FusedKernels(TorchFunctionMode):
     """`scaled_dot_product_attention` as fused kernels run it (flash on GPUs, torch's flash kernel
     on CPU): the S x S scores are never stored. On meta, torch would decompose it into math ops
     that store them, which would count neither the time nor the memory a run spends. Priced by its
-    FLOPs and its inputs' and output's bytes; keeps q, k, v and the output for the backward."""
+    FLOPs and its inputs' and output's bytes; keeps q, k, v and the output for the backward.
+    Also the grouped matmul of mixture-of-experts layers (`grouped_mm`, Hugging Face's experts),
+    whose meta kernel refuses fp32: priced and kept as one matmul of all the rows."""
 
     def __init__(self, counter: Optional[OpCost]) -> None:
         super().__init__()
@@ -563,6 +596,8 @@ class _FusedAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)):
+            return self._grouped_mm(*args[:2])
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **kwargs)
         query, key, value = args[:3]
@@ -574,6 +609,15 @@ class _FusedAttention(TorchFunctionMode):
             hw = self.counter.hardware
             self.counter.seconds += max(flops / hw.flops_per_s, nbytes / hw.bytes_per_s) + hw.seconds_per_op
         return _AttentionStandIn.apply(query, key, value)  # the mode is off inside its own handler
+
+    def _grouped_mm(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """rows [N, in] times their groups' weights [groups, in, out]."""
+        if self.counter is not None:
+            hw = self.counter.hardware
+            flops = 2 * rows.shape[0] * rows.shape[1] * weights.shape[-1]
+            nbytes = (rows.numel() + weights.numel() + rows.shape[0] * weights.shape[-1]) * rows.element_size()
+            self.counter.seconds += max(flops / hw.flops_per_s, nbytes / hw.bytes_per_s) + hw.seconds_per_op
+        return _GroupedMatmulStandIn.apply(rows, weights)
 
 
 class _AttentionStandIn(torch.autograd.Function):
@@ -587,6 +631,18 @@ class _AttentionStandIn(torch.autograd.Function):
     def backward(ctx, grad):
         query, key, value, _ = ctx.saved_tensors
         return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+class _GroupedMatmulStandIn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weights):
+        ctx.save_for_backward(rows, weights)
+        return rows.new_empty((rows.shape[0], weights.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weights = ctx.saved_tensors
+        return torch.zeros_like(rows), torch.zeros_like(weights)
 
 
 # ----------------------------------------------------------------- step time
@@ -608,7 +664,8 @@ def _step_time(model: _Model, option: Option, machine: Machine) -> StepTime:
     tp_time = _tensor_parallel_seconds(model, micro, option, machine) * m * max(fractions)
     sends = _send_seconds(model, cut, option, machine, micro) * m if option.pp > 1 else 0.0
     dp_time = _data_parallel_seconds(model, option, machine, compute)
-    return StepTime(compute, bubble, tp_time, sends, dp_time)
+    dispatch = _expert_dispatch_seconds(model, micro, option, machine) * m * max(fractions)
+    return StepTime(compute, bubble, tp_time, sends, dp_time, dispatch)
 
 
 def _model_seconds(model: _Model, micro_batch, machine: Machine, devices_in_use: int) -> float:
@@ -617,7 +674,7 @@ def _model_seconds(model: _Model, micro_batch, machine: Machine, devices_in_use:
         module = copy.deepcopy(model.module)
         entry_name, args, kwargs = capture_call(module, model.step, micro_batch, 0)
         counter = _StepCost(machine.hardware(devices_in_use))
-        with counter, _FusedAttention(counter):
+        with counter, _FusedKernels(counter):
             out = module.get_submodule(entry_name)(*args, **kwargs)
         forward = counter.seconds
         model.cache[key] = 3 * forward  # backward costs about twice the forward
@@ -645,6 +702,19 @@ def _tensor_parallel_seconds(model: _Model, micro_batch, option: Option, machine
     return 2 * sum(per_reduce)  # forward outputs, and the matching input gradients in the backward
 
 
+def _expert_dispatch_seconds(model: _Model, micro_batch, option: Option, machine: Machine) -> float:
+    """Each experts module's four all-to-alls (tokens out and results back, forward and backward):
+    a token chosen k times travels k times, (ep - 1) / ep of them to other ranks; two small
+    exchanges (split sizes, expert ids) before, and the split sizes' read on the host."""
+    if option.ep == 1:
+        return 0.0
+    sizes = _tensor_bytes_at(model, micro_batch, list(model.experts), "dispatched")
+    spans_nodes = option.ep * option.tp > machine.devices_per_node
+    bandwidth = machine.inter_node_bytes_per_s if spans_nodes else machine.intra_node_bytes_per_s
+    moved = sum(sizes) * (option.ep - 1) / option.ep
+    return 4 * moved / bandwidth + 6 * len(sizes) * machine.collective_seconds
+
+
 def _output_bytes(model: _Model, micro_batch, names: list[str]) -> list[float]:
     return _tensor_bytes_at(model, micro_batch, names, "output")
 
@@ -654,7 +724,8 @@ def _input_bytes(model: _Model, micro_batch, names: list[str]) -> list[float]:
 
 
 def _tensor_bytes_at(model: _Model, micro_batch, names: list[str], where: str) -> list[float]:
-    """Bytes of the tensors the named modules take (or return) in a forward of one micro-batch."""
+    """Bytes of the tensors the named modules take (or return) in a forward of one micro-batch;
+    "dispatched": an experts module's hidden states times the experts each token chose."""
     key = (where, tuple(names), batch_size(micro_batch))
     if key not in model.cache:
         module = copy.deepcopy(model.module)
@@ -662,17 +733,21 @@ def _tensor_bytes_at(model: _Model, micro_batch, names: list[str], where: str) -
         found: list[float] = []
 
         def record(_module, inputs, output=None):
+            if where == "dispatched":
+                hidden, top_k_index = inputs[:2]
+                found.append(hidden.numel() * hidden.element_size() * top_k_index.shape[-1])
+                return
             value = inputs if where == "input" else output
             found.append(sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(value)
                              if isinstance(t, torch.Tensor)))
 
         for name in names:
             target = module.get_submodule(name)
-            if where == "input":
+            if where in ("input", "dispatched"):
                 target.register_forward_pre_hook(record)
             else:
                 target.register_forward_hook(record)
-        with torch.no_grad(), _FusedAttention(None):
+        with torch.no_grad(), _FusedKernels(None):
             module.get_submodule(entry_name)(*args, **kwargs)
         model.cache[key] = found
     return model.cache[key]
@@ -694,10 +769,13 @@ def _data_parallel_seconds(model: _Model, option: Option, machine: Machine, comp
     """Gradient (and, sharded, parameter) traffic that compute does not hide. DDP all-reduces a
     few buckets during the backward; FSDP2 gathers each unit's parameters twice (forward and
     backward) and reduce-scatters its gradients, prefetching the next unit during the current
-    one's compute; HSDP adds an all-reduce per unit across replicas."""
+    one's compute; HSDP adds an all-reduce per unit across replicas. Experts count 1/ep each (their
+    reductions span fewer ranks, which is not priced apart)."""
     if option.dp == 1:
         return 0.0
-    params = sum(p.numel() for p in model.module.parameters()) / (option.pp * option.tp)
+    experts = sum(p.numel() for name in model.experts for p in model.module.get_submodule(name).parameters())
+    dense = sum(p.numel() for p in model.module.parameters()) - experts
+    params = (dense / option.tp + experts / option.ep) / option.pp  # experts are not split by tp
     grad_bytes = params * (2 if model.precision != "32-true" else 4)
     spans_nodes = option.dp > max(1, machine.devices_per_node // option.tp)
     inter, intra = machine.inter_node_bytes_per_s, machine.intra_node_bytes_per_s

@@ -73,22 +73,37 @@ def gather_held(held: Held, device: torch.device) -> list[Held]:
 
 
 def startup_report(layout: Layout, ranks: Sequence[tuple[str, int, Sequence[int]]], held: Sequence[Held],
-                   sections: Sequence[str] = ()) -> str:
+                   sections: Sequence[str] = (), experts_per_layer: Sequence[int] = ()) -> str:
     """`ranks[r]` is rank r's (host name, node rank, (pp, dp_replicate, dp_shard, tp) coordinate).
     The node index tells nodes apart where host names do not (several emulated nodes on one host).
+    Under expert parallelism, each rank's ep coordinate (its dp coordinate modulo ep) and the
+    experts it holds of each MoE layer (`experts_per_layer`: every experts module's count).
     `sections` (the tensor plan, the pipeline split) follow the table."""
     hybrid = 1 < layout.dp_shard < layout.dp
+    counts = set(experts_per_layer)
+    experts = f"experts (of {counts.pop()})" if len(counts) == 1 else "experts"
     header = ["rank", "host", "node", "pp", "dp (replica/shard)" if hybrid else "dp", "tp",
-              "parameters", "gradients", "optimizer", "MiB"]
+              *(["ep", experts] if layout.ep > 1 else []), "parameters", "gradients", "optimizer", "MiB"]
     rows = []
     for rank, ((host, node, (pp, replica, shard, tp)), mine) in enumerate(zip(ranks, held)):
-        dp = str(replica * layout.dp_shard + shard) + (f" ({replica}/{shard})" if hybrid else "")
-        rows.append([str(rank), host, str(node), str(pp), dp, str(tp), f"{mine.parameters:,}", f"{mine.gradients:,}",
-                     f"{mine.optimizer:,}", f"{mine.bytes / MIB:,.1f}"])
+        dp_index = replica * layout.dp_shard + shard
+        dp = str(dp_index) + (f" ({replica}/{shard})" if hybrid else "")
+        ep = [str(dp_index % layout.ep), _experts_held(dp_index % layout.ep, layout.ep, experts_per_layer)]
+        rows.append([str(rank), host, str(node), str(pp), dp, str(tp), *(ep if layout.ep > 1 else []),
+                     f"{mine.parameters:,}", f"{mine.gradients:,}", f"{mine.optimizer:,}", f"{mine.bytes / MIB:,.1f}"])
     lines = [f"HybridParallel layout {layout} on {layout.world_size} processes", *_table(header, rows),
              "  Each rank holds its parameters, gradients and optimizer state (elements; MiB together). Activations "
              "come on top: `lightning-parallel plan` estimates them."]
     return "\n".join([*lines, *sections])
+
+
+def _experts_held(ep_index: int, ep: int, experts_per_layer: Sequence[int]) -> str:
+    """The experts an ep rank holds of each MoE layer: their ids when every layer has as many."""
+    counts = set(experts_per_layer)
+    if len(counts) != 1:
+        return f"{ep_index + 1}/{ep}"
+    local = counts.pop() // ep
+    return f"{ep_index * local}-{(ep_index + 1) * local - 1}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

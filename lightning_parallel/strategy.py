@@ -43,6 +43,14 @@ from lightning_parallel.activation_checkpointing import (
     check_activation_checkpointing,
 )
 from lightning_parallel.compiling import apply_compile, check_compile
+from lightning_parallel.expert_parallel import (
+    apply_expert_data_parallel,
+    apply_expert_parallel,
+    check_expert_parallel,
+    check_expert_plan,
+    expert_data_parallel_mesh,
+    find_experts,
+)
 from lightning_parallel.preemption import defer_slurm_requeue
 from lightning_parallel.data_parallel import (
     StepRunner,
@@ -86,6 +94,11 @@ class HybridParallel(ParallelStrategy):
         data_parallel: data-parallel degree, or "auto" for world size / (tensor x pipeline).
         tensor_parallel: tensor-parallel degree (innermost mesh dim; keep it within a node).
         pipeline_parallel: pipeline-parallel degree (outermost mesh dim).
+        expert_parallel: the data-parallel ranks each mixture-of-experts layer's experts are
+            sharded over (a divisor of the data-parallel degree); tokens travel to their
+            experts' ranks and back with all-to-alls.
+        expert_plan: which modules are experts modules: "auto" (the model's declared
+            `base_model_ep_plan`, Hugging Face MoE models) or a list of module-name globs.
         sharding: "none" replicates parameters and all-reduces gradients (DDP); "full" shards
             parameters, gradients and optimizer state over the data-parallel ranks (FSDP2);
             "hybrid" shards them within groups of `data_parallel_shard` ranks and replicates
@@ -139,6 +152,8 @@ class HybridParallel(ParallelStrategy):
         data_parallel: Union[int, str] = "auto",
         tensor_parallel: int = 1,
         pipeline_parallel: int = 1,
+        expert_parallel: int = 1,
+        expert_plan: Union[str, list] = "auto",
         sharding: str = "none",
         data_parallel_shard: Union[int, str] = "auto",
         reduce_dtype: Optional[str] = None,
@@ -166,6 +181,8 @@ class HybridParallel(ParallelStrategy):
         check_degree("data_parallel", data_parallel, allow_auto=True)
         check_degree("tensor_parallel", tensor_parallel)
         check_degree("pipeline_parallel", pipeline_parallel)
+        check_degree("expert_parallel", expert_parallel)
+        check_expert_plan(expert_plan)
         check_sharding(sharding)
         check_shard_degree(sharding, data_parallel_shard)
         if reduce_dtype not in REDUCE_DTYPES:
@@ -185,7 +202,7 @@ class HybridParallel(ParallelStrategy):
         check_type("timeout", timeout, (int, float, timedelta), "a number of seconds")
         check_auto_layout(layout, machine, dict(
             data_parallel=data_parallel, tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
-            sharding=sharding, data_parallel_shard=data_parallel_shard, micro_batches=micro_batches, schedule=schedule,
+            expert_parallel=expert_parallel, sharding=sharding, data_parallel_shard=data_parallel_shard, micro_batches=micro_batches, schedule=schedule,
             activation_checkpointing=activation_checkpointing))
         micro_batches = 2 * pipeline_parallel if micro_batches is None else micro_batches
         self._schedule_spec = check_schedule(schedule, pipeline_parallel, micro_batches)
@@ -199,6 +216,11 @@ class HybridParallel(ParallelStrategy):
                 "after the input gradients, when data parallelism has already reduced them: choose gpipe, 1f1b, "
                 "interleaved_1f1b or looped_bfs, or leave reshard_per_micro_batch False."
             )
+        if expert_parallel > 1 and sequence_parallel:
+            raise LayoutError(
+                "expert_parallel does not work with sequence_parallel=True: the tensor-parallel ranks of a group would "
+                "each dispatch a different sequence shard to experts they hold whole. Use one of them."
+            )
         if pipeline_parallel > 1 and callable(tensor_plan):
             raise LayoutError(
                 "A callable tensor_plan parallelizes the whole module, but under pipeline_parallel each rank holds "
@@ -209,6 +231,8 @@ class HybridParallel(ParallelStrategy):
         self.data_parallel = data_parallel
         self.tensor_parallel = tensor_parallel
         self.pipeline_parallel = pipeline_parallel
+        self.expert_parallel = expert_parallel
+        self.expert_plan = expert_plan if expert_plan == "auto" else list(expert_plan)
         self.sharding = sharding
         self.data_parallel_shard = data_parallel_shard
         self.reduce_dtype = reduce_dtype
@@ -235,6 +259,7 @@ class HybridParallel(ParallelStrategy):
         self._layout: Optional[Layout] = None
         self._device_mesh: Optional[DeviceMesh] = None
         self._dp_mesh: Optional[DeviceMesh] = None
+        self._expert_mesh: Optional[DeviceMesh] = None  # under expert_parallel > 1
         self._runner: Optional[torch.nn.Module] = None  # the module every step enters through
         self._pipeline: Optional[PipelineRunner] = None
         self._manual = None  # under manual optimization, averages the replicated parameters' gradients
@@ -245,6 +270,7 @@ class HybridParallel(ParallelStrategy):
         self._requeue = None  # SLURM's requeue signal, acted on after a later optimizer step (a callback)
         self._ranks: list[Any] = []  # every rank's (host, node, mesh coordinate)
         self._report_sections: list[str] = []  # tensor plan and pipeline split, for the start-up report
+        self._experts_per_layer: list[int] = []  # each experts module's count, for the report
 
     # ----------------------------------------------------------------- layout and processes
 
@@ -254,7 +280,7 @@ class HybridParallel(ParallelStrategy):
         if self._layout is None:
             self._layout = Layout.resolve(
                 self.num_nodes * self.num_processes, self.data_parallel, self.tensor_parallel, self.pipeline_parallel,
-                self.sharding, self.data_parallel_shard, per_node=self.num_processes,
+                self.sharding, self.data_parallel_shard, per_node=self.num_processes, expert_parallel=self.expert_parallel,
             )
         return self._layout
 
@@ -270,6 +296,11 @@ class HybridParallel(ParallelStrategy):
         if self._dp_mesh is None:
             raise RuntimeError("The device mesh exists once the processes have started (after setup_environment).")
         return self._dp_mesh
+
+    @property
+    def expert_mesh(self) -> Optional[DeviceMesh]:
+        """The experts' (pp, edp_replicate, edp_shard, ep, tp) mesh under expert_parallel > 1, else None."""
+        return self._expert_mesh
 
     @property
     def root_device(self) -> torch.device:
@@ -339,6 +370,8 @@ class HybridParallel(ParallelStrategy):
 
     def _build_mesh(self) -> None:
         self._device_mesh, self._dp_mesh = self.layout.build_mesh(self.root_device.type)
+        if self.layout.ep > 1:
+            self._expert_mesh = self.layout.build_expert_mesh(self.root_device.type)
         self._ranks = self._gather_ranks()
         self._warn_if_tensor_groups_span_nodes([node for _, node, _ in self._ranks])
         assert self.lightning_module is not None
@@ -351,7 +384,8 @@ class HybridParallel(ParallelStrategy):
         if self.is_global_zero:
             precision = getattr(self.precision_plugin, "precision", "32-true")
             chosen, table = auto_layout.choose(self.lightning_module, step, batch, self.world_size, self.num_processes,
-                                               self.root_device, self.machine, precision, self.tensor_plan)
+                                               self.root_device, self.machine, precision, self.tensor_plan,
+                                               self.expert_plan)
         chosen, table = self.broadcast((chosen, table))
         if chosen is None:
             raise LayoutError(f"layout='auto' found no layout of {self.world_size} devices that fits:\n{table}")
@@ -409,7 +443,8 @@ class HybridParallel(ParallelStrategy):
                 drop_other_stages_params(self.optimizers)
         if reporting:
             held = report.gather_held(report.held_by(module, self.optimizers, fitting), self.root_device)
-            rank_zero_info(report.startup_report(self.layout, self._ranks, held, self._report_sections))
+            rank_zero_info(report.startup_report(self.layout, self._ranks, held, self._report_sections,
+                                                 self._experts_per_layer))
         self.setup_precision_plugin()
         self._requeue = defer_slurm_requeue(trainer, self.cluster_environment, self.root_device)
         # Lightning clips with torch's clip_grad_norm_, which knows nothing of the mesh.
@@ -433,7 +468,7 @@ class HybridParallel(ParallelStrategy):
         self.lightning_module.to(self.root_device)
 
     def _parallelize(self, module, trainer) -> Optional[torch.nn.Module]:
-        """Applies each form of parallelism in a fixed order: pipeline split, tensor, data; then,
+        """Applies each form of parallelism in a fixed order: pipeline split, expert, tensor, data; then,
         for a model built empty, allocates and initializes this rank's share (and reads
         `init_from`). Returns the module every step enters through when data parallelism needs
         one. Every check runs before the first collective."""
@@ -455,6 +490,9 @@ class HybridParallel(ParallelStrategy):
         if layout.tp > 1 and not callable(self.tensor_plan):
             source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel, self.loss_parallel)
             self._report_sections.append(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
+        experts = find_experts(module, self.expert_plan) if layout.ep > 1 else []
+        check_expert_parallel(module, experts, layout.ep, self.expert_plan)
+        self._experts_per_layer = [module.get_submodule(name).num_experts for name in experts]
         if not empty:
             broadcast_module_state(module)
 
@@ -464,6 +502,9 @@ class HybridParallel(ParallelStrategy):
             tied = tied_weights(module.get_submodule(split.entry), split.ties, split.stage_ids, self._schedule_spec,
                                 self.device_mesh, layout.tp > 1 or layout.dp > 1, plan,
                                 f"{split.entry}." if split.entry else "")
+        if experts:
+            experts = [name for name in experts if split is None or name in split.owned_names]
+            apply_expert_parallel(module, experts, self._expert_mesh["ep"])
         if layout.tp > 1:
             tp_mesh = self.device_mesh["tp"]
             if plan is None:
@@ -480,6 +521,10 @@ class HybridParallel(ParallelStrategy):
 
         dp_mesh = data_parallel_mesh(self.device_mesh, layout)
         mp_policy = mixed_precision_policy(self.precision_plugin.precision, self.reduce_dtype)
+        if experts:
+            # Under pipelines the experts stay gathered over a step's micro-batches, as the stages do.
+            apply_expert_data_parallel(module, experts, expert_data_parallel_mesh(self._expert_mesh, layout), mp_policy,
+                                       reshard_after_forward=split is None or self.reshard_per_micro_batch)
         if split is not None:
             for stage in split.stage_modules:
                 if layout.dp > 1:
@@ -502,7 +547,7 @@ class HybridParallel(ParallelStrategy):
             self._manual = apply_manual_data_parallel(runner, dp_mesh, mp_policy, self.dp_mesh.get_group())
             self._fill(module, [runner], None, empty)
             return runner
-        if runner is not None and layout.dp_shard == 1 and layout.tp == 1:
+        if runner is not None and layout.dp_shard == 1 and layout.tp == 1 and layout.ep == 1:
             self._fill(module, [runner], None, empty)  # DDP wants values: it broadcasts rank 0's
             return replicate_with_ddp(runner, self.dp_mesh.get_group(), self.root_device, self.reduce_dtype)
         if runner is not None:
@@ -518,7 +563,7 @@ class HybridParallel(ParallelStrategy):
             materialize.materialize(module, roots, held, self.root_device)
             materialize.set_device(module, self.root_device)
             seed = self.broadcast(torch.initial_seed())
-            materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded)
+            materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded, self._expert_mesh)
         if self.init_from:
             # Tensors the checkpoint lacks keep their values: their init's (check_initializable
             # refused those that have none), or those the model was built with.

@@ -11,15 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # A row of the start-up report's table: rank, host, node, pp, dp (with "(replica/shard)" under
-# hybrid sharding), tp, then what the rank holds (elements) and MiB.
+# hybrid sharding), tp, (under expert parallelism: ep and the experts held, "2-3"), then what the
+# rank holds (elements) and MiB.
 REPORT_ROW = re.compile(r"^ +(?P<rank>\d+) +\S+ +(?P<node>\d+) +(?P<pp>\d+) +(?P<dp>\d+)(?: \((?P<replica>\d+)/(?P<shard>\d+)\))?"
-                        r" +(?P<tp>\d+) +(?P<parameters>[\d,]+) +(?P<gradients>[\d,]+) +(?P<optimizer>[\d,]+) +[\d,.]+$", re.M)
+                        r" +(?P<tp>\d+)(?: +(?P<ep>\d+) +(?P<experts>[\d/-]+))? +(?P<parameters>[\d,]+) +(?P<gradients>[\d,]+) +(?P<optimizer>[\d,]+) +[\d,.]+$", re.M)
 
 
 def report_rows(output: str) -> list[dict]:
-    """The start-up report's table as one dict of ints per rank (replica and shard None unless hybrid)."""
-    return [{name: None if value is None else int(value.replace(",", "")) for name, value in match.groupdict().items()}
-            for match in REPORT_ROW.finditer(output)]
+    """The start-up report's table as one dict per rank, of ints but for the experts held (replica
+    and shard None unless hybrid, ep and experts None without expert parallelism)."""
+    return [{name: value if value is None or name == "experts" else int(value.replace(",", ""))
+             for name, value in match.groupdict().items()} for match in REPORT_ROW.finditer(output)]
 
 
 def run(spec: dict) -> dict:

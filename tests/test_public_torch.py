@@ -42,6 +42,9 @@ MODULES = {
     "torch.distributed.pipelining.schedules._ComputationType": "the action kinds of a lowered schedule, to "
     "keep only the forward actions of the V-shaped schedules for evaluation (pipeline/schedules.py); "
     "their eval() runs backward actions in torch 2.13",
+    "torch._grouped_mm": "the grouped matmul of Hugging Face's mixture-of-experts layers as the planner sees it on "
+    "meta (torch.nn.functional.grouped_mm calls it without a __torch_function__ of its own), priced and stood in "
+    "for because its meta kernel refuses fp32 (planner.py)",
 }
 
 # Private attributes on objects of unknown type: name -> (owner library, why).
@@ -70,6 +73,7 @@ ATTRIBUTES = {
     "_update_count": ("torchmetrics", "counted on stages that receive a Metric's states, so it does not warn"),
     "_tp_plan": ("transformers", "a model's declared tensor-parallel plan"),
     "_pp_plan": ("transformers", "a model's declared pipeline plan"),
+    "_ep_plan": ("transformers", "a model's declared experts modules (expert_parallel.py)"),
     "_keys_to_ignore_on_save": ("transformers", "keys a Hugging Face model does not save"),
 }
 

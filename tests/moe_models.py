@@ -1,0 +1,96 @@
+"""Mixture-of-experts models for the expert-parallel tests, named by import path in specs: the
+example GPT with each block's MLP a mixture of experts written as a user writes one (its experts
+module meets the contract in lightning_parallel/expert_parallel.py: num_experts; every parameter
+[experts, ...]; forward(hidden [N, H], top_k_index [N, k], top_k_weights [N, k])), and Hugging
+Face MoE models trained with SGD."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from examples.gpt import GPT
+from tests.hf_models import HFCausalLM
+from tests.models import GPT_PLAN
+
+USER_EXPERTS = ["blocks.*.mlp.experts"]
+# The example GPT's plan without the MLP, which is a mixture of experts here (experts are not split by tp).
+MOE_GPT_PLAN = {glob: style for glob, style in GPT_PLAN.items() if ".mlp." not in glob}
+
+
+class Experts(nn.Module):
+    """Every expert's two-layer MLP, stacked on dim 0."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_in = nn.Parameter(torch.empty(num_experts, hidden, inner))
+        self.w_out = nn.Parameter(torch.empty(num_experts, inner, hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.w_in, std=1 / math.sqrt(self.w_in.shape[1]))
+        nn.init.normal_(self.w_out, std=1 / math.sqrt(self.w_out.shape[1]))
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for expert in range(self.num_experts):
+            token, choice = torch.where(top_k_index == expert)
+            if token.numel():
+                y = F.gelu(hidden[token] @ self.w_in[expert]) @ self.w_out[expert]
+                out = out.index_add(0, token, y * top_k_weights[token, choice, None])
+        return out
+
+
+class MoE(nn.Module):
+    """A router choosing top_k experts per token, and the experts."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, inner: int):
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden, inner)
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(self.router(flat).softmax(dim=-1), self.top_k, dim=-1)
+        return self.experts(flat, chosen, weights / weights.sum(dim=-1, keepdim=True)).view_as(x)
+
+
+def make_optimizer(module, kind: str, lr: float):
+    """AdamW as users train; SGD where a test must see the gradients' scale (AdamW's steps do not
+    change when a gradient is scaled by a constant)."""
+    return (torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)(module.parameters(), lr=lr)
+
+
+class MoEGPT(GPT):
+    """The example GPT whose blocks' MLPs are mixtures of experts."""
+
+    def __init__(self, num_experts=4, top_k=2, expert_hidden=48, optimizer="adamw", **gpt):
+        self.moe_shape = (num_experts, top_k, expert_hidden)
+        self.optimizer_kind = optimizer
+        super().__init__(**gpt)
+
+    def build_layers(self):
+        super().build_layers()
+        for block in self.blocks:
+            block.mlp = MoE(self.hparams.d_model, *self.moe_shape)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, self.optimizer_kind, self.hparams.lr)
+
+
+def moe_gpt(**overrides) -> MoEGPT:
+    config = dict(vocab_size=64, seq_len=16, d_model=32, n_heads=4, n_layers=2, lr=3e-3)
+    return MoEGPT(**{**config, **overrides})
+
+
+class SGDCausalLM(HFCausalLM):
+    """A Hugging Face causal LM (tests/hf_models.py) trained with SGD: see make_optimizer."""
+
+    def __init__(self, family="qwen3_moe", lr=0.5, **kwargs):
+        super().__init__(family, lr=lr, **kwargs)
+
+    def configure_optimizers(self):
+        return make_optimizer(self, "sgd", self.hparams.lr)
