@@ -55,3 +55,23 @@ def ranks_reporting(failure: str, message: str) -> set[int]:
     """The ranks whose error line in a failed run's report (`parity.run`'s RuntimeError) holds
     `message`: "[rank1]: ...LayoutError: <message>"; a line without a rank counts as rank 0."""
     return {int(rank or 0) for rank in re.findall(rf"^(?:\[rank(\d+)\]: )?[\w.]+: {re.escape(message)}", failure, re.M)}
+
+
+# Lightning's own defaults, which the parity worker turns off unless a spec asks for them: the
+# progress bar, the model summary, the default logger and ModelCheckpoint.
+LIGHTNING_DEFAULTS = {"enable_progress_bar": True, "enable_checkpointing": True, "enable_model_summary": True, "logger": True}
+
+
+def defaults_on(spec: dict) -> dict:
+    """`spec` with Lightning's defaults on, and as many training samples as its steps read, so
+    that the run's one epoch ends at its last step and the default ModelCheckpoint saves there."""
+    samples = spec["batch_size"] * spec["max_steps"] * spec.get("trainer", {}).get("accumulate_grad_batches", 1)
+    return {**spec, "trainer": {**LIGHTNING_DEFAULTS, **spec.get("trainer", {})},
+            "data_kwargs": {**spec.get("data_kwargs", {}), "n_train": samples},
+            "callbacks": [*spec.get("callbacks", []), "tests.probes:CheckpointWritten"]}
+
+
+def assert_checkpoint_saved(reference: dict, parallel: dict) -> None:
+    """The default ModelCheckpoint of a `defaults_on` run saved where one process's did."""
+    name, exists = parallel["checkpoint"]
+    assert exists and (name, exists) == reference["checkpoint"], (reference["checkpoint"], parallel["checkpoint"])

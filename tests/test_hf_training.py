@@ -7,8 +7,8 @@ import torch
 
 from lightning_parallel.pipeline import SCHEDULES
 from lightning_parallel.pipeline.declared import VERIFIED_FAMILIES
-from tests.harness import reference, run
-from tests.test_pipeline_modules import check_parity
+from tests.harness import assert_checkpoint_saved, defaults_on, reference, run
+from tests.test_pipeline_modules import check_parity as _check_parity
 
 FAMILIES = sorted(VERIFIED_FAMILIES)
 # Each family under one schedule, the schedules taken in turn, so that every schedule runs
@@ -18,11 +18,18 @@ FAMILY_SCHEDULE = {family: list(SCHEDULES)[i % len(SCHEDULES)] for i, family in 
 IN_MAKE_TEST = ("llama", "qwen3_moe")
 
 
-def hf_spec(family: str, **model_kwargs) -> dict:
+def check_parity(label: str, reference: dict, parallel: dict) -> None:
+    _check_parity(label, reference, parallel)
+    assert_checkpoint_saved(reference, parallel)
+
+
+def hf_spec(family: str, trainer: dict | None = None, max_steps: int = 3, **model_kwargs) -> dict:
+    """With Lightning's defaults on: sanity validation, progress bar, model summary, logger, and
+    ModelCheckpoint saving at the run's last step (the end of its one epoch)."""
     if family == "gemma2":  # its attention logit softcapping has no sdpa path in transformers 5
         model_kwargs.setdefault("attn", "eager")
-    return dict(model="tests.hf_models:HFCausalLM", model_kwargs={"family": family, **model_kwargs},
-                data="tests.models:token_data", batch_size=8, max_steps=3)
+    return defaults_on(dict(model="tests.hf_models:HFCausalLM", model_kwargs={"family": family, **model_kwargs},
+                            data="tests.models:token_data", batch_size=8, max_steps=max_steps, trainer=trainer or {}))
 
 
 @pytest.mark.parametrize("family, schedule", [
@@ -65,7 +72,7 @@ def test_tied_embeddings_under_pipeline_parallel(layout):
                 "pp2_dp2_full": dict(pipeline_parallel=2, data_parallel=2, sharding="full", micro_batches=2),
                 "pp2_zbv": dict(pipeline_parallel=2, micro_batches=4, schedule="zbv")}[layout]
     trainer = {**CLIPPED, **({"accumulate_grad_batches": 2} if layout == "pp2_dp2_full" else {})}
-    spec = {**hf_spec(**TIED), "trainer": trainer, "max_steps": 3 if layout != "pp2_dp2_full" else 2}
+    spec = hf_spec(**TIED, trainer=trainer, max_steps=3 if layout != "pp2_dp2_full" else 2)
     devices = 4 if "dp2" in layout else 2
     par = run({**spec, "devices": devices, "strategy": strategy})
     check_parity(f"tied embeddings {layout}", reference(spec), par)
@@ -83,7 +90,7 @@ def test_tied_embeddings_built_empty_start_equal(monkeypatch):
     """Each stage initializes its own copy; the copies are made equal before training, and the
     summed gradients keep them equal."""
     monkeypatch.setenv("LP_TEST_TENSOR", "model.model.embed_tokens.weight")
-    spec = {**hf_spec(**TIED), "build": "empty", "max_steps": 2, "devices": 2,
+    spec = {**hf_spec(**TIED, max_steps=2), "build": "empty", "devices": 2,
             "strategy": {"pipeline_parallel": 2, "micro_batches": 4}, "callbacks": ["tests.probes:TensorOnEachRank"]}
     for when, (first, last) in run(spec)["on_each_rank"].items():
         assert torch.equal(first, last), f"the copies of the stages differ at the {when} of training"
@@ -104,18 +111,23 @@ def tied_pretrained(tmp_path_factory):
 @pytest.mark.slow
 def test_tied_embeddings_from_pretrained_and_exported(tied_pretrained, tmp_path):
     from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
     from transformers import AutoModelForCausalLM
 
     from lightning_parallel.export import export_hf
 
     with safe_open(str(tied_pretrained / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
-    spec = {**hf_spec(**TIED, path=str(tied_pretrained), pretrained=True), "trainer": CLIPPED}
+    spec = hf_spec(**TIED, path=str(tied_pretrained), pretrained=True, trainer=CLIPPED)
     parallel = {**spec, "model_kwargs": {**TIED, "path": str(tied_pretrained)}, "build": "empty", "devices": 2,
                 "strategy": {"pipeline_parallel": 2, "micro_batches": 4, "init_from": str(tied_pretrained)},
                 "save_to": str(tmp_path / "ckpt")}
     par = run(parallel)
     check_parity("tied embeddings init_from pp2", reference(spec), par)
+    # Both stages' ranks write the weight under its own name: one copy, in the model and the optimizer state.
+    keys = FileSystemReader(tmp_path / "ckpt").read_metadata().state_dict_metadata
+    assert "state_dict.model.model.embed_tokens.weight" in keys and "state_dict.model.lm_head.weight" not in keys
+    assert not any(key.startswith("optimizer_states.0.state.model.lm_head") for key in keys)
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert exported.lm_head.weight is exported.model.embed_tokens.weight
@@ -130,7 +142,7 @@ def test_gpt2_under_pipeline_parallel():
     """GPT-2 declares no pipeline plan and torch.fx cannot trace it: its stages follow a plan of
     our own (lightning_parallel/pipeline/declared.py), whose later stages must not add the
     position embedding again. Its embeddings are tied, as GPT-2 ships."""
-    spec = {**hf_spec("gpt2", tie=True, optimizer="sgd", lr=0.5), "trainer": CLIPPED}
+    spec = hf_spec("gpt2", tie=True, optimizer="sgd", lr=0.5, trainer=CLIPPED)
     par = run({**spec, "devices": 2,
                "strategy": {"pipeline_parallel": 2, "micro_batches": 4, "schedule": "interleaved_1f1b"}})
     check_parity("gpt2 pp=2 interleaved_1f1b", reference(spec), par)
@@ -141,7 +153,7 @@ def test_gpt2_under_pipeline_parallel():
 def test_gpt2_under_tensor_parallel(layout):
     """GPT-2's Conv1D layers (transposed Linears) by a plan of our own: the fused q/k/v projection
     split by heads, its tied embeddings split by vocabulary in both places."""
-    spec = {**hf_spec("gpt2", tie=True, optimizer="sgd", lr=0.5), "trainer": CLIPPED}
+    spec = hf_spec("gpt2", tie=True, optimizer="sgd", lr=0.5, trainer=CLIPPED)
     strategy = {"tensor_parallel": 2, **({"pipeline_parallel": 2, "micro_batches": 4} if layout == "pp2_tp2" else {})}
     par = run({**spec, "devices": 4 if layout == "pp2_tp2" else 2, "strategy": strategy})
     check_parity(f"gpt2 {layout}", reference(spec), par)
