@@ -62,10 +62,12 @@ def ranks_reporting(failure: str, message: str) -> set[int]:
 LIGHTNING_DEFAULTS = {"enable_progress_bar": True, "enable_checkpointing": True, "enable_model_summary": True, "logger": True}
 
 
-def defaults_on(spec: dict) -> dict:
-    """`spec` with Lightning's defaults on, and as many training samples as its steps read, so
-    that the run's one epoch ends at its last step and the default ModelCheckpoint saves there."""
-    samples = spec["batch_size"] * spec["max_steps"] * spec.get("trainer", {}).get("accumulate_grad_batches", 1)
+def defaults_on(spec: dict, batches: int | None = None) -> dict:
+    """`spec` with Lightning's defaults on, and as many training samples as its steps read
+    (`batches`, where optimizer steps are not batches), so that the run's one epoch ends at its
+    last step and the default ModelCheckpoint saves there."""
+    batches = batches or spec["max_steps"] * spec.get("trainer", {}).get("accumulate_grad_batches", 1)
+    samples = spec["batch_size"] * batches
     return {**spec, "trainer": {**LIGHTNING_DEFAULTS, **spec.get("trainer", {})},
             "data_kwargs": {**spec.get("data_kwargs", {}), "n_train": samples},
             "callbacks": [*spec.get("callbacks", []), "tests.probes:CheckpointWritten"]}

@@ -8,13 +8,14 @@ import torch
 from lightning_parallel import HybridParallel, Layout, LayoutError, parity, planner
 from lightning_parallel.expert_parallel import check_expert_parallel, find_experts
 from lightning_parallel.report import Held, startup_report
-from tests.harness import reference, report_rows, run, shared_run
+from tests.harness import defaults_on, reference, report_rows, run, shared_run
 from tests.moe_models import MOE_GPT_PLAN, USER_EXPERTS, Experts, SGDCausalLM, moe_gpt
 
 BASE = dict(data="tests.models:token_data", batch_size=8, max_steps=6)
-QWEN = dict(BASE, model="tests.moe_models:SGDCausalLM", model_kwargs={"family": "qwen3_moe"})
-MIXTRAL = dict(BASE, model="tests.moe_models:SGDCausalLM", model_kwargs={"family": "mixtral"})
-USER = dict(BASE, model="tests.moe_models:moe_gpt", model_kwargs={"optimizer": "sgd", "lr": 0.5})
+# With Lightning's defaults on (progress bar, summary, logger, ModelCheckpoint saving at the last step).
+QWEN = defaults_on(dict(BASE, model="tests.moe_models:SGDCausalLM", model_kwargs={"family": "qwen3_moe"}))
+MIXTRAL = defaults_on(dict(BASE, model="tests.moe_models:SGDCausalLM", model_kwargs={"family": "mixtral"}))
+USER = defaults_on(dict(BASE, model="tests.moe_models:moe_gpt", model_kwargs={"optimizer": "sgd", "lr": 0.5}))
 
 
 def expert_elements(model) -> int:

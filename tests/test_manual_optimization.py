@@ -8,17 +8,18 @@ import torch
 
 from lightning_parallel import LayoutError, parity
 from lightning_parallel.manual_optimization import check_manual_optimization
-from tests.harness import reference, run
+from tests.harness import defaults_on, reference, run
 from tests.user_models import GAN as GANModule
 
 # Two optimizer steps per batch: 8 steps are 4 batches (8 with accumulate=2).
-GAN = dict(model="tests.user_models:GAN", data="tests.user_models:gan_data", batch_size=8, max_steps=8)
+GAN = defaults_on(dict(model="tests.user_models:GAN", data="tests.user_models:gan_data", batch_size=8, max_steps=8),
+                  batches=4)
 GAN_PLAN = {"generator.model.0": "colwise", "generator.model.2": "rowwise",
             "discriminator.model.0": "colwise", "discriminator.model.2": "rowwise"}
 # Clipping by norm inside the step (small enough to bind) and stepping every second batch. SGD,
 # not Adam: Adam's update hardly depends on the gradients' scale, so clipping would barely show.
 SGD = {"optimizer": "sgd", "lr": 0.05, "accumulate": 2}
-CLIPPED = {**GAN, "model_kwargs": {**SGD, "clip": 0.1}}
+CLIPPED = defaults_on({**GAN, "model_kwargs": {**SGD, "clip": 0.1}}, batches=8)
 
 
 def test_dp2_replicated_matches_one_process_and_reduces_each_gradient_once():

@@ -18,11 +18,11 @@ from lightning_parallel.tensor_parallel.styles import (
     replicate_with_gradient_sum,
     sum_rotary_key_gradient,
 )
-from tests.harness import reference, run
+from tests.harness import defaults_on, reference, run
 
 transformers = pytest.importorskip("transformers")
 
-HF = dict(model="tests.hf_models:HFCausalLM", data="tests.models:token_data", batch_size=8, max_steps=4)
+HF = defaults_on(dict(model="tests.hf_models:HFCausalLM", data="tests.models:token_data", batch_size=8, max_steps=4))
 # Where each mapped style puts a Linear's (or an Embedding's) weight on the tp mesh.
 MAPPED = {
     "colwise": (ColwiseParallel, nn.Linear, Shard(0)),

@@ -14,12 +14,12 @@ from lightning_parallel import LayoutError, parity
 from lightning_parallel.checkpoint import META_FILE, sharded_model_state, tied_aliases
 from lightning_parallel.export import TIED_KEY, consolidate, export_hf
 from lightning_parallel.tensor_parallel import resolve_plan
-from tests.harness import reference, run
+from tests.harness import defaults_on, reference, run
 from tests.models import GPT_PLAN, TiedGPT, save_pretrained_llama, tied_gpt
 
-GPT = dict(model="tests.models:tied_gpt", data="tests.models:token_data", batch_size=8, max_steps=4)
-LLAMA = dict(model="tests.hf_models:HFCausalLM", model_kwargs={"family": "llama", "tie": True},
-             data="tests.models:token_data", batch_size=8, max_steps=4)
+GPT = defaults_on(dict(model="tests.models:tied_gpt", data="tests.models:token_data", batch_size=8, max_steps=4))
+LLAMA = defaults_on(dict(model="tests.hf_models:HFCausalLM", model_kwargs={"family": "llama", "tie": True},
+                         data="tests.models:token_data", batch_size=8, max_steps=4))
 
 
 def test_a_tie_split_one_way_is_kept_and_one_split_two_ways_is_refused():
