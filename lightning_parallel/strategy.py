@@ -22,7 +22,6 @@ from lightning.fabric.utilities.distributed import _all_gather_ddp_if_available
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -37,40 +36,16 @@ from torch.optim import Optimizer
 
 from lightning_parallel import auto_layout, checkpoint, data_position, export, materialize, report, weights
 from lightning_parallel.auto_layout import check_auto_layout
-from lightning_parallel.activation_checkpointing import (
-    AC_CHOICES,
-    apply_activation_checkpointing,
-    check_activation_checkpointing,
-)
-from lightning_parallel.compiling import apply_compile, check_compile
-from lightning_parallel.expert_parallel import (
-    apply_expert_data_parallel,
-    apply_expert_parallel,
-    check_expert_parallel,
-    check_expert_plan,
-    expert_data_parallel_mesh,
-    find_experts,
-)
+from lightning_parallel.activation_checkpointing import AC_CHOICES, check_activation_checkpointing
+from lightning_parallel.compiling import check_compile
+from lightning_parallel.expert_parallel import check_expert_plan
 from lightning_parallel.preemption import defer_slurm_requeue
-from lightning_parallel.data_parallel import (
-    StepRunner,
-    apply_data_parallel,
-    broadcast_module_state,
-    data_parallel_mesh,
-    data_parallel_units,
-    is_parallelized,
-    mixed_precision_policy,
-    replicate_with_ddp,
-    reshard,
-    set_gradient_sync,
-)
+from lightning_parallel.data_parallel import reshard, set_gradient_sync
 from lightning_parallel.gradients import clip_grad_norm_
-from lightning_parallel.manual_optimization import apply_manual_data_parallel, check_manual_optimization
-from lightning_parallel.pipeline import PipelineRunner, SplitModel, check_schedule, split_model
-from lightning_parallel.pipeline.cost import hardware_for
+from lightning_parallel.manual_optimization import check_manual_optimization
+from lightning_parallel.parallelize import parallelize
+from lightning_parallel.pipeline import PipelineRunner, check_schedule
 from lightning_parallel.pipeline.split import drop_other_stages_params
-from lightning_parallel.pipeline.tied import tied_weights
-from lightning_parallel.tensor_parallel import apply_tensor_parallel, format_plan, resolve_plan
 from lightning_parallel.layout import (
     Layout,
     LayoutError,
@@ -266,7 +241,6 @@ class HybridParallel(ParallelStrategy):
         self._parallelized_module = None
         self._metric_group = None
         self._failed = False
-        self._loaded: set[str] = set()  # tensor names init_from provides
         self._requeue = None  # SLURM's requeue signal, acted on after a later optimizer step (a callback)
         self._ranks: list[Any] = []  # every rank's (host, node, mesh coordinate)
         self._report_sections: list[str] = []  # tensor plan and pipeline split, for the start-up report
@@ -429,8 +403,9 @@ class HybridParallel(ParallelStrategy):
                 materialize.move_real_tensors(module, self.root_device)  # the rest is allocated once sharded
             else:
                 self.model_to_device()
-            self._report_sections = []
-            self._runner = self._parallelize(module, trainer)
+            done = parallelize(self, module, trainer)
+            self._runner, self._pipeline, self._manual = done.runner, done.pipeline, done.manual
+            self._report_sections, self._experts_per_layer = done.report, done.experts_per_layer
             self._parallelized_module = module
         self.model = self._runner if self._runner is not None else module
         self._set_metric_groups()
@@ -466,127 +441,6 @@ class HybridParallel(ParallelStrategy):
     def model_to_device(self) -> None:
         assert self.lightning_module is not None
         self.lightning_module.to(self.root_device)
-
-    def _parallelize(self, module, trainer) -> Optional[torch.nn.Module]:
-        """Applies each form of parallelism in a fixed order: pipeline split, expert, tensor, data; then,
-        for a model built empty, allocates and initializes this rank's share (and reads
-        `init_from`). Returns the module every step enters through when data parallelism needs
-        one. Every check runs before the first collective."""
-        empty = materialize.is_empty(module)
-        # Names init_from provides (read from the checkpoint's key list once): init leaves them.
-        self._loaded = weights.checkpoint_names(module, self.init_from) if self.init_from else set()
-        if empty:
-            materialize.check_initializable(module, self._loaded)
-        if is_parallelized(module):
-            # The module parallelized itself in configure_model (ModelParallelStrategy's convention).
-            if self.activation_checkpointing != "none" or self.compile:
-                raise LayoutError("The module applied its own parallelism in configure_model: apply activation "
-                                  "checkpointing and compile there too, and leave those HybridParallel options unset.")
-            self._report_sections.append("The module applied its own parallelism in configure_model; used as is.")
-            self._fill(module, [module], None, empty)
-            return None
-        layout = self.layout
-        plan = None
-        if layout.tp > 1 and not callable(self.tensor_plan):
-            source, plan = resolve_plan(module, self.tensor_plan, layout.tp, self.sequence_parallel, self.loss_parallel)
-            self._report_sections.append(f"Tensor-parallel plan ({source}), tp={layout.tp}:\n{format_plan(plan)}")
-        experts = find_experts(module, self.expert_plan) if layout.ep > 1 else []
-        check_expert_parallel(module, experts, layout.ep, self.expert_plan)
-        self._experts_per_layer = [module.get_submodule(name).num_experts for name in experts]
-        if not empty:
-            broadcast_module_state(module)
-
-        split = self._split(module, trainer) if layout.pp > 1 else None
-        tied = None
-        if split is not None:
-            tied = tied_weights(module.get_submodule(split.entry), split.ties, split.stage_ids, self._schedule_spec,
-                                self.device_mesh, layout.tp > 1 or layout.dp > 1, plan,
-                                f"{split.entry}." if split.entry else "")
-        if experts:
-            experts = [name for name in experts if split is None or name in split.owned_names]
-            apply_expert_parallel(module, experts, self._expert_mesh["ep"])
-        if layout.tp > 1:
-            tp_mesh = self.device_mesh["tp"]
-            if plan is None:
-                self.tensor_plan(module, tp_mesh)
-            else:
-                owned = split.owned_names if split else None
-                apply_tensor_parallel(module, tp_mesh, plan, self.sequence_parallel, self.loss_parallel, owned)
-
-        roots = split.stage_modules if split is not None else [module]
-        blocks = [block for root in roots for block in data_parallel_units(root)]
-        apply_activation_checkpointing(blocks, self.activation_checkpointing)
-        if self.compile:
-            apply_compile(blocks)
-
-        dp_mesh = data_parallel_mesh(self.device_mesh, layout)
-        mp_policy = mixed_precision_policy(self.precision_plugin.precision, self.reduce_dtype)
-        if experts:
-            # Under pipelines the experts stay gathered over a step's micro-batches, as the stages do.
-            apply_expert_data_parallel(module, experts, expert_data_parallel_mesh(self._expert_mesh, layout), mp_policy,
-                                       reshard_after_forward=split is None or self.reshard_per_micro_batch)
-        if split is not None:
-            for stage in split.stage_modules:
-                if layout.dp > 1:
-                    # Parameters stay gathered over a step's micro-batches (torchtitan's choice) unless
-                    # reshard_per_micro_batch asks for the least memory.
-                    apply_data_parallel(stage, dp_mesh, mp_policy, reshard_after_forward=self.reshard_per_micro_batch)
-            tied.share()
-            self._fill(module, split.stage_modules, split.held, empty)
-            if empty:  # each stage initialized its own copy of a tied weight
-                tied.copy_from_first()
-            for stage in split.stage_modules:
-                stage.publish_parameters()
-            self._pipeline = PipelineRunner(module, split, self._schedule_spec, self.micro_batches,
-                                            self.device_mesh["pp"].get_group(), self.dp_mesh.get_group(),
-                                            self.root_device, self.reshard_per_micro_batch, tied)
-            return None
-        runner = StepRunner(module) if layout.dp > 1 else None
-        self._manual = None
-        if runner is not None and not module.automatic_optimization:
-            self._manual = apply_manual_data_parallel(runner, dp_mesh, mp_policy, self.dp_mesh.get_group())
-            self._fill(module, [runner], None, empty)
-            return runner
-        if runner is not None and layout.dp_shard == 1 and layout.tp == 1 and layout.ep == 1:
-            self._fill(module, [runner], None, empty)  # DDP wants values: it broadcasts rank 0's
-            return replicate_with_ddp(runner, self.dp_mesh.get_group(), self.root_device, self.reduce_dtype)
-        if runner is not None:
-            apply_data_parallel(runner, dp_mesh, mp_policy)
-        self._fill(module, [runner or module], None, empty)
-        return runner
-
-    def _fill(self, module, roots, held: Optional[set], empty: bool) -> None:
-        """Gives the parallelized model its values: for a model built empty, allocates what this
-        rank holds (under `roots`, and the `held` names of the rest) and initializes it; then
-        reads `init_from` into it."""
-        if empty:
-            materialize.materialize(module, roots, held, self.root_device)
-            materialize.set_device(module, self.root_device)
-            seed = self.broadcast(torch.initial_seed())
-            materialize.initialize(module, self.root_device, self.device_mesh, seed, self._loaded, self._expert_mesh)
-        if self.init_from:
-            # Tensors the checkpoint lacks keep their values: their init's (check_initializable
-            # refused those that have none), or those the model was built with.
-            loaded = weights.load_weights(module, self.init_from, strict=False)
-            if loaded.missing:
-                rank_zero_warn(f"init_from {self.init_from} lacks {len(loaded.missing)} of the model's tensors, which "
-                               f"keep their initialization: {', '.join(loaded.missing[:8])}"
-                               f"{', ...' if len(loaded.missing) > 8 else ''}")
-            if loaded.unused:
-                rank_zero_warn(f"init_from {self.init_from}: {len(loaded.unused)} tensors name nothing in the model "
-                               f"and were not read: {', '.join(loaded.unused[:8])}{', ...' if len(loaded.unused) > 8 else ''}")
-        if empty:
-            missed: list[Any] = [None] * self.world_size
-            dist.all_gather_object(missed, materialize.uninitialized(module))
-            materialize.refuse_uninitialized(sorted({name for names in missed for name in names}))
-
-    def _split(self, module, trainer) -> SplitModel:
-        step, batch = self._probe(trainer)
-        split = split_model(module, step, batch, self.layout.pp, self.device_mesh["pp"].get_local_rank(),
-                            self._schedule_spec, self.micro_batches, self.pipeline_split, hardware_for(self.root_device),
-                            agree=self.broadcast)
-        self._report_sections.append(split.report)
-        return split
 
     def _probe(self, trainer):
         """A batch and the step that will consume it, to trace and profile the model with."""

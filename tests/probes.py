@@ -343,7 +343,6 @@ class TensorOnEachRank(pl.Callback):
     def _gather(self, module, when):
         import os
 
-        import torch
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
