@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -58,11 +58,13 @@ LOSS_RTOL = 1e-5
 PARAM_ATOL = 1e-4
 
 
-def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0) -> dict[str, Any]:
-    """Trains as `spec` says in new processes; returns rank 0's record."""
+def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0,
+        start: Callable[..., subprocess.CompletedProcess] | None = None) -> dict[str, Any]:
+    """Trains as `spec` says in new processes; returns rank 0's record. `start` replaces
+    `run_processes` (same arguments and result): the tests fork their ranks from a server."""
     with tempfile.TemporaryDirectory(prefix="lp-parity-") as tmp:
         out_file = Path(tmp, "record.pt")
-        proc = run_processes(spec, out_file, pythonpath, timeout)
+        proc = (start or run_processes)(spec, out_file, pythonpath, timeout)
         if proc.returncode != 0 or not out_file.exists():
             errors = sorted({line for line in proc.stderr.splitlines() if re.search(r"^(\[rank\d+\]: )?[\w.]+(Error|Exception)\b", line)})
             raise RuntimeError(
@@ -77,12 +79,22 @@ def run(spec: dict[str, Any], pythonpath: list[str] = (), timeout: float = 600.0
 def run_processes(spec: dict[str, Any], out_file: Path, pythonpath: list[str] = (),
                   timeout: float = 600.0) -> subprocess.CompletedProcess:
     """Starts the worker for `spec` as users start training and waits for it, failed or not."""
+    cmd = [sys.executable, "-m", "lightning_parallel.parity", str(write_spec(spec, out_file)), str(out_file)]
+    return subprocess.run(cmd, env=worker_env(pythonpath), cwd=out_file.parent, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_spec(spec: dict[str, Any], out_file: Path) -> Path:
     spec_file = out_file.with_name(out_file.name + ".spec.json")
     spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ)
+    return spec_file
+
+
+def worker_env(pythonpath: list[str] = (), environ: dict[str, str] = os.environ) -> dict[str, str]:
+    """`environ` with `pythonpath` ahead on PYTHONPATH: the environment the worker starts in."""
+    env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "lightning_parallel.parity", str(spec_file), str(out_file)]
-    return subprocess.run(cmd, env=env, cwd=out_file.parent, capture_output=True, text=True, timeout=timeout)
+    return env
 
 
 def assert_parity(reference: dict, parallel: dict, loss_rtol: float = LOSS_RTOL, param_atol: float = PARAM_ATOL) -> dict:

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from lightning_parallel import parity
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,10 @@ def report_rows(output: str) -> list[dict]:
              for name, value in match.groupdict().items()} for match in REPORT_ROW.finditer(output)]
 
 
-def run(spec: dict) -> dict:
-    return parity.run(spec, pythonpath=[str(REPO)])
+def run(spec: dict, fork: bool = True) -> dict:
+    """`parity.run(spec)`, its ranks forked from the session's fork server (tests/forkserver.py);
+    `fork=False` starts them as users do, with Lightning's launcher."""
+    return parity.run(spec, pythonpath=[str(REPO)], start=forkserver.run_processes if fork else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,9 +45,9 @@ class LearningRates(pl.Callback):
 
 
 class Fault(pl.Callback):
-    """Injects the fault $LP_TEST_FAULT ("kill", "raise" or "kill_in_save") on rank
-    $LP_TEST_FAULT_RANK at optimizer step $LP_TEST_FAULT_STEP: "kill" and "raise" strike inside
-    the step's forward (mid-schedule under pipeline parallelism); "kill_in_save" strikes while
+    """Injects the fault $LP_TEST_FAULT ("kill", "raise", "hang" or "kill_in_save") on rank
+    $LP_TEST_FAULT_RANK at optimizer step $LP_TEST_FAULT_STEP: "kill", "raise" and "hang" strike
+    inside the step's forward (mid-schedule under pipeline parallelism); "kill_in_save" strikes while
     that step's checkpoint is being written. Every rank writes its pid to $LP_TEST_FAULT_DIR/pids,
     and the striking rank the time of the fault to $LP_TEST_FAULT_DIR/fault_time."""
 
@@ -87,6 +87,8 @@ class Fault(pl.Callback):
             out.write(str(time.time()))
         if self.kind == "raise":
             raise RuntimeError("injected fault")
+        if self.kind == "hang":
+            time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _strike_in_save(self):
@@ -398,3 +400,26 @@ class ReductionsPerBackward(pl.Callback):
                 counts.append(sent[0])
 
         strategy.backward = counting_backward
+
+class StartProbe(pl.Callback):
+    """How each rank's process was set up: the cluster environment Lightning chose, the rank it
+    gives the process, the threads it trains with, the rank Lightning's and torchmetrics'
+    rank-zero filters hold, and the launch variables in its environment."""
+
+    def setup(self, trainer, module, stage):
+        import os
+
+        import torch
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+        from torchmetrics.utilities import prints
+
+        from lightning_parallel.parity import _per_rank
+
+        strategy = trainer.strategy
+        names = ("MASTER_ADDR", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "OMP_NUM_THREADS", "PL_GLOBAL_SEED")
+        self.record = {"start": _per_rank(dict(
+            environment=type(strategy.cluster_environment).__name__, global_rank=strategy.global_rank,
+            local_rank=strategy.local_rank, node_rank=strategy.node_rank, world_size=strategy.world_size,
+            num_processes=strategy.num_processes, threads=torch.get_num_threads(),
+            rank_zero=(rank_zero_only.rank, prints.rank_zero_only.rank),
+            env={name: os.environ.get(name) for name in names}))}
