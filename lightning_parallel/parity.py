@@ -90,9 +90,9 @@ def write_spec(spec: dict[str, Any], out_file: Path) -> Path:
     return spec_file
 
 
-def worker_env(pythonpath: list[str] = (), environ: dict[str, str] = os.environ) -> dict[str, str]:
-    """`environ` with `pythonpath` ahead on PYTHONPATH: the environment the worker starts in."""
-    env = dict(environ)
+def worker_env(pythonpath: list[str] = ()) -> dict[str, str]:
+    """This process's environment with `pythonpath` ahead on PYTHONPATH: the worker's."""
+    env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([*pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
