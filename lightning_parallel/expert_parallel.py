@@ -1,7 +1,7 @@
 """Expert parallelism: the experts of a mixture-of-experts model sharded over data-parallel ranks.
 
-An *experts module* holds every expert of one MoE layer as parameters whose dim 0 is the expert,
-says how many in `num_experts`, and computes `forward(hidden_states [N, H], top_k_index [N, k],
+An *experts module* holds every expert of one MoE layer as parameters (its submodules' too) whose
+dim 0 is the expert, says how many in `num_experts`, and computes `forward(hidden_states [N, H], top_k_index [N, k],
 top_k_weights [N, k]) -> [N, H]`: each token's output is the weighted sum of its k chosen experts'
 outputs (Hugging Face's `Qwen3MoeExperts`, `MixtralExperts`, ... and modules written to match).
 Which modules are experts: those a Hugging Face model declares (`base_model_ep_plan` entries of
@@ -118,10 +118,11 @@ def apply_expert_parallel(module: nn.Module, names: list[str], ep_mesh: DeviceMe
     `ep_mesh`, from real or meta tensors alike) and dispatches its tokens."""
     for name in names:
         experts = module.get_submodule(name)
-        for param_name, param in list(experts.named_parameters(recurse=False)):
-            # Every rank holds the same full value (or none, on meta): each keeps its chunk, no communication.
-            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
-            experts.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        for owner in experts.modules():  # a per-expert norm inside the experts too (Ergo's post_expert_norm)
+            for param_name, param in list(owner.named_parameters(recurse=False)):
+                # Every rank holds the same full value (or none, on meta): each keeps its chunk, no communication.
+                sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
+                owner.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         experts.num_experts //= ep_mesh.size()
         experts.forward = ExpertDispatch(experts, ep_mesh.get_group())
 
@@ -189,17 +190,18 @@ class ExpertDispatch:
         return self._local_forward(arrived, arrived_ids.unsqueeze(1), arrived.new_ones(arrived.shape[0], 1))
 
     def _local_forward(self, hidden_states, top_k_index, top_k_weights):
-        slots = self.experts._parameters
-        sharded = {name: p for name, p in slots.items() if isinstance(p, DTensor)}
+        sharded = [(owner._parameters, name, p) for owner in self.experts.modules()
+                   for name, p in owner._parameters.items() if isinstance(p, DTensor)]
         try:
-            for name, param in sharded.items():
+            for slots, name, param in sharded:
                 local = param.to_local()
                 if local.requires_grad:
                     local.register_hook(lambda grad: grad / self.ep)
                 slots[name] = local
             return self.local_forward(hidden_states, top_k_index, top_k_weights)
         finally:
-            slots.update(sharded)
+            for slots, name, param in sharded:
+                slots[name] = param
 
 
 def _all_to_all(tensor: torch.Tensor, output_sizes: list[int], input_sizes: list[int], group) -> torch.Tensor:

@@ -94,3 +94,48 @@ class SGDCausalLM(HFCausalLM):
 
     def configure_optimizers(self):
         return make_optimizer(self, "sgd", self.hparams.lr)
+
+
+# Every Hugging Face family that declares experts (a base_model_ep_plan) and has a causal LM, built
+# tiny: small experts, latent-attention and shared-expert sizes (a key a family does not know is
+# kept on its config and unused), as many key/value heads as heads (latent attention needs it),
+# eager attention (some families have no sdpa), lr 0.1 (at 0.5 some, deepseek_v4 and flex_olmo,
+# do not descend, and one process and dp2 fully sharded drift apart by 1.5e-4).
+MOE_TINY = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_topk=2,
+                moe_intermediate_size=16, shared_expert_intermediate_size=16, expert_ffn_hidden_size=16,
+                intermediate_size_mlp=64, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=0,
+                norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8, qk_head_dim=16, num_key_value_heads=4, attn="eager", lr=0.1)
+MOE_FAMILY_EXTRA = {
+    "phimoe": dict(router_jitter_noise=0.0, input_jitter_noise=0.0),  # random in training, as dropout is
+    "flex_olmo": dict(pad_token_id=0),
+    "hy_v4": dict(pad_token_id=0),
+    "mimo_v2_flash": dict(num_key_value_heads=2),  # its sliding-window layers' key/value heads stay at their default
+    "zaya": dict(num_experts_per_tok=1),  # its only routing
+}
+# Families that declare experts but whose config cannot be made tiny here, and why.
+MOE_NOT_BUILT = {
+    **dict.fromkeys(("bailing_hybrid", "kimi_linear", "jamba"), "at 4 layers its default layer pattern has no attention "
+                                                                "layer, which its mask code needs"),
+    "dots3_note_text": "its config validation ties the text model to a vision adapter",
+    "granitemoehybrid": "its mamba sizes must divide hidden_size times the expansion",
+    "kolibri1_1": "its NVFP4 key/value rounding and indexer heads need larger heads",
+    "lfm2_moe": "its config has no default layer_types",
+    "qwen4_exp_text": "its config has no default token budget or compression ratio",
+    **dict.fromkeys(("gemma4_text", "inkling_text", "inkling2_text", "inkling2_loop_text"),
+                    "its defaults keep millions of parameters in other sizes than the tiny ones set here"),
+}
+
+
+def declared_moe_families() -> list[str]:
+    """The installed transformers' families with a causal LM that declare experts."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(family for family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                  if family in CONFIG_MAPPING and getattr(CONFIG_MAPPING[family], "base_model_ep_plan", None))
+
+
+def moe_family_kwargs(family: str) -> dict:
+    """SGDCausalLM's arguments for `family` built tiny."""
+    return {"family": family, **MOE_TINY, **MOE_FAMILY_EXTRA.get(family, {})}

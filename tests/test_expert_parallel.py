@@ -9,7 +9,8 @@ from lightning_parallel import HybridParallel, Layout, LayoutError, parity, plan
 from lightning_parallel.expert_parallel import check_expert_parallel, find_experts
 from lightning_parallel.report import Held, startup_report
 from tests.harness import defaults_on, reference, report_rows, run, shared_run
-from tests.moe_models import MOE_GPT_PLAN, USER_EXPERTS, Experts, SGDCausalLM, moe_gpt
+from tests.moe_models import (MOE_GPT_PLAN, MOE_NOT_BUILT, USER_EXPERTS, Experts, SGDCausalLM, declared_moe_families,
+                              moe_family_kwargs, moe_gpt)
 
 BASE = dict(data="tests.models:token_data", batch_size=8, max_steps=6)
 # With Lightning's defaults on (progress bar, summary, logger, ModelCheckpoint saving at the last step).
@@ -44,6 +45,26 @@ def test_qwen3_moe_ep2_matches_one_process_holding_half_the_experts():
     rows = report_rows(par["output"])
     assert [(r["dp"], r["ep"], r["experts"]) for r in rows] == [(0, 0, "0-1"), (1, 1, "2-3")]
     assert "pp=1 x dp=2 (experts over ep=2 x edp=1) x tp=1" in par["output"]
+
+
+# Run by `make test`: latent attention with shared experts and grouped routing (deepseek_v3), experts
+# with biases (gpt_oss), a per-expert norm inside the experts module (ergo), a gated shared expert
+# (qwen2_moe), experts under another path (granitemoe, nemotron_h's hybrid mamba layers).
+UNMARKED_FAMILIES = {"deepseek_v3", "gpt_oss", "ergo", "qwen2_moe", "granitemoe", "nemotron_h"}
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=() if f in UNMARKED_FAMILIES else pytest.mark.slow)
+                                    for f in declared_moe_families()])
+def test_each_hugging_face_moe_family_trains_under_ep2_as_one_process(family):
+    """Every family the installed transformers ships with declared experts, a new release's too."""
+    if family in MOE_NOT_BUILT:
+        pytest.skip(f"{family} is not built tiny here: {MOE_NOT_BUILT[family]}")
+    spec = {**QWEN_EP2, "model_kwargs": moe_family_kwargs(family)}
+    par = run(spec)
+    print(family, parity.assert_parity(reference(spec), par))
+    model = SGDCausalLM(**moe_family_kwargs(family))
+    whole, experts = sum(p.numel() for p in model.parameters()), expert_elements(model)
+    assert experts and par["elements_held"] == [whole - experts // 2] * 2  # every expert tensor halved
 
 
 def test_the_planner_predicts_what_an_ep_rank_holds_and_offers_ep_for_experts_only():
