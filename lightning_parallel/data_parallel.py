@@ -16,6 +16,9 @@ activation) as a DTensor on the whole mesh, which a user's module does not compu
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -89,6 +92,23 @@ def replicate_with_ddp(runner: nn.Module, dp_group, device: torch.device, reduce
     hook = _allreduce_in_bf16 if reduce_dtype == "bfloat16" else default_hooks.allreduce_hook
     ddp.register_comm_hook(dp_group, hook)
     return ddp
+
+
+@contextlib.contextmanager
+def unused_parameters_explained(model: nn.Module) -> Iterator[None]:
+    """Names the problem and the fix when torch's DDP finds a parameter that got no gradient in the
+    previous step (each rank raises where its own backward left one out)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not isinstance(model, DistributedDataParallel) or "Expected to have finished reduction" not in str(error):
+            raise
+        raise RuntimeError(
+            "Under sharding='none' without tensor or pipeline parallelism the model is torch's DistributedDataParallel, "
+            "which needs a gradient for every parameter on every step; the last step left some without one (experts "
+            "no token was routed to, a layer the step does not call). Fix: sharding='full' or 'hybrid' (FSDP2 reduces "
+            "the gradients there are), expert_parallel for a mixture-of-experts model, or requires_grad=False on "
+            "parameters the step never uses.") from error
 
 
 def _allreduce_in_bf16(group, bucket):

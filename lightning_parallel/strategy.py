@@ -40,7 +40,7 @@ from lightning_parallel.activation_checkpointing import AC_CHOICES, check_activa
 from lightning_parallel.compiling import check_compile
 from lightning_parallel.expert_parallel import check_expert_plan
 from lightning_parallel.preemption import defer_slurm_requeue
-from lightning_parallel.data_parallel import reshard, set_gradient_sync
+from lightning_parallel.data_parallel import reshard, set_gradient_sync, unused_parameters_explained
 from lightning_parallel.gradients import clip_grad_norm_
 from lightning_parallel.manual_optimization import check_manual_optimization
 from lightning_parallel.parallelize import parallelize
@@ -493,7 +493,7 @@ class HybridParallel(ParallelStrategy):
             batch, batch_idx = (*args, *kwargs.values())[:2]
             with self.precision_plugin.train_step_context(), self._loss_context():
                 return self._pipeline.train_step(batch, batch_idx, self.lightning_module.trainer.accumulate_grad_batches)
-        with self._loss_context():
+        with self._loss_context(), unused_parameters_explained(self.model):
             return super().training_step(*args, **kwargs)
 
     def validation_step(self, *args: Any, **kwargs: Any):

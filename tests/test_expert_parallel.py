@@ -8,7 +8,7 @@ import torch
 from lightning_parallel import HybridParallel, Layout, LayoutError, parity, planner
 from lightning_parallel.expert_parallel import check_expert_parallel, find_experts
 from lightning_parallel.report import Held, startup_report
-from tests.harness import defaults_on, reference, report_rows, run, shared_run
+from tests.harness import defaults_on, ranks_reporting, reference, report_rows, run, shared_run
 from tests.moe_models import (MOE_GPT_PLAN, MOE_NOT_BUILT, USER_EXPERTS, Experts, SGDCausalLM, declared_moe_families,
                               moe_family_kwargs, moe_gpt)
 
@@ -267,3 +267,13 @@ def test_tokens_reach_their_experts_and_gradients_come_back(tmp_path):
         torch.testing.assert_close(held, expected)
         assert local_count == 2
     assert results[1][3].abs().sum() == 0 and results[0][3].abs().sum() > 0
+
+
+def test_a_moe_model_under_ddp_that_leaves_parameters_without_gradients_gets_the_fix():
+    """DeepSeek-V4 leaves some parameters out of every step: torch's DDP (dp=2, sharding="none")
+    refuses that from the second step; the error names the cause and the fixes on every rank."""
+    spec = {**QWEN_EP2, "model_kwargs": moe_family_kwargs("deepseek_v4"), "strategy": {"data_parallel": 2}}
+    with pytest.raises(RuntimeError) as failure:
+        run(spec)
+    assert ranks_reporting(str(failure.value), "Under sharding='none' without tensor or pipeline parallelism") == {0, 1}
+    assert "Fix: sharding='full' or 'hybrid'" in str(failure.value)
