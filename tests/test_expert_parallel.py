@@ -81,22 +81,25 @@ def test_the_planner_predicts_what_an_ep_rank_holds_and_offers_ep_for_experts_on
     assert {o.ep for o in planner.candidate_options(4, 8, 4)} == {1}
 
 
-@pytest.mark.slow
+SLOW = pytest.mark.slow
+
+
+# make test runs one case of each composition (clipping, hybrid, tp, pp); make test-slow the rest.
 @pytest.mark.parametrize("spec", [
     pytest.param({**QWEN, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full"}},
-                 id="qwen3_moe_dp2_full"),
-    pytest.param({**USER, "devices": 2, "trainer": {"gradient_clip_val": 0.5},
+                 id="qwen3_moe_dp2_full", marks=SLOW),
+    pytest.param({**USER, "devices": 2, "trainer": {**USER["trainer"], "gradient_clip_val": 0.5},
                   "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full", "expert_plan": USER_EXPERTS}},
                  id="user_moe_dp2_full_clipped"),  # the global norm counts each expert's gradient once
     pytest.param({**USER, "devices": 2, "strategy": {"data_parallel": 2, "expert_parallel": 2, "sharding": "full",
                                                      "expert_plan": USER_EXPERTS, "compile": True,
                                                      "activation_checkpointing": "full"}},
-                 id="user_moe_dp2_full_compile_ac"),  # the dispatch runs outside the compiled graph, twice
+                 id="user_moe_dp2_full_compile_ac", marks=SLOW),  # the dispatch runs outside the compiled graph, twice
     pytest.param({**MIXTRAL, "devices": 4, "strategy": {"data_parallel": 2, "tensor_parallel": 2, "expert_parallel": 2,
                                                         "sharding": "full"}}, id="mixtral_ep2_tp2_declared_plan"),
     pytest.param({**USER, "devices": 4, "strategy": {"data_parallel": 2, "tensor_parallel": 2, "expert_parallel": 2,
                                                      "expert_plan": USER_EXPERTS, "tensor_plan": MOE_GPT_PLAN}},
-                 id="user_moe_ep2_tp2"),
+                 id="user_moe_ep2_tp2", marks=SLOW),
     pytest.param({**QWEN, "devices": 4, "strategy": {"data_parallel": 4, "expert_parallel": 2, "sharding": "hybrid",
                                                      "data_parallel_shard": 2}}, id="qwen3_moe_dp4_hybrid"),
     pytest.param({**QWEN, "devices": 4, "strategy": {"pipeline_parallel": 2, "data_parallel": 2, "expert_parallel": 2,
@@ -104,15 +107,14 @@ def test_the_planner_predicts_what_an_ep_rank_holds_and_offers_ep_for_experts_on
     pytest.param({**USER, "model_kwargs": {**USER["model_kwargs"], "n_layers": 4}, "devices": 4,
                   "strategy": {"pipeline_parallel": 2, "data_parallel": 2, "expert_parallel": 2, "sharding": "full",
                                "expert_plan": USER_EXPERTS, "micro_batches": 2, "schedule": "zbv"}},
-                 id="user_moe_pp2_dp2_ep2_zbv"),
+                 id="user_moe_pp2_dp2_ep2_zbv", marks=SLOW),
 ])
 def test_expert_parallel_matches_one_process(spec):
     print(parity.assert_parity(reference(spec), run(spec)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("devices, strategy", [
-    pytest.param(1, {}, id="ep2_to_one_process"),
+    pytest.param(1, {}, id="ep2_to_one_process", marks=SLOW),
     pytest.param(4, {"data_parallel": 4, "expert_parallel": 4, "expert_plan": USER_EXPERTS}, id="ep2_to_dp4_ep4"),
 ])
 def test_a_checkpoint_saved_under_ep2_resumes_under_another_layout(tmp_path, devices, strategy):
