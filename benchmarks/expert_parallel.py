@@ -61,8 +61,6 @@ NOTES = [
     "both sides (each rank runs half the experts on twice the rows, or all of them on its own). Where tokens "
     "outweigh experts (long sequences, small experts) or the all-to-all crosses nodes, the balance shifts; the "
     "planner prices both.",
-    "The machine was shared with other jobs while these ran (load average 4-6 on 2 cores): single runs varied by "
-    "up to 2x, so the pairs' ranges are wide; the memory figures are steadier.",
 ]
 SIDES = {"ep2": dict(data_parallel=2, expert_parallel=2, sharding="full"), "dp2": dict(data_parallel=2, sharding="full")}
 
@@ -126,11 +124,13 @@ def write_doc(path: Path, results: dict, meta: dict) -> None:
                     f"({r['time']['min']:.3f}-{r['time']['max']:.3f}) | {r['ep2_peak_mib']:.0f} | {r['dp2_peak_mib']:.0f} "
                     f"| {r['peak']['median']:.3f} ({r['peak']['min']:.3f}-{r['peak']['max']:.3f}) | "
                     f"{r['state']['median']:.3f} |")
+    # Other work on the machine widens the pairs' ranges (single runs varied by up to 2x at load 4-6 on 2 cores).
+    load = f" (1-minute load average {meta['load'][0]:.1f} before the runs, {meta['load'][1]:.1f} after)" if "load" in meta else ""
     doc = [
         "# Expert parallelism: step time and memory per rank",
         "",
-        f"`python benchmarks/expert_parallel.py` ({meta['date']}, commit {meta['commit']}, {meta['cpus']} cores shared "
-        f"by other work, CPU, gloo, torch {meta['torch']}): 2 processes, global batch {BATCH} x {SEQ_LEN} tokens, "
+        f"`python benchmarks/expert_parallel.py` ({meta['date']}, commit {meta['commit']}, {meta['cpus']} cores{load}, "
+        f"CPU, gloo, torch {meta['torch']}): 2 processes, global batch {BATCH} x {SEQ_LEN} tokens, "
         f"AdamW, fp32, {meta['pairs']} pairs of runs alternating which side goes first, {meta['warmup']} warm-up and "
         f"{meta['steps']} timed steps each. ep2 is `HybridParallel(data_parallel=2, expert_parallel=2, sharding=\"full\")`, "
         "dp2 the same without expert parallelism (experts FSDP2-sharded, gathered whole by every rank for its own "
@@ -165,11 +165,12 @@ def main() -> None:
         return
     import torch
 
+    load_before = os.getloadavg()[0]
     results = {name: compare(name, args.pairs, args.warmup, args.steps) for name in args.models}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     meta = {"date": datetime.date.today().isoformat(), "commit": commit.strip(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "pairs": args.pairs, "warmup": args.warmup, "steps": args.steps,
-            }
+            "load": [load_before, os.getloadavg()[0]]}
     for name, r in results.items():
         print(f"{name}: time ep2/dp2 {r['time']}, peak {r['peak']}, state {r['state']}")
     if not args.no_write:
