@@ -1,11 +1,12 @@
 """Expert parallelism: the experts of a mixture-of-experts model sharded over data-parallel ranks.
 
 An *experts module* holds every expert of one MoE layer as parameters (its submodules' too) whose
-dim 0 is the expert, says how many in `num_experts`, and computes `forward(hidden_states [N, H], top_k_index [N, k],
-top_k_weights [N, k]) -> [N, H]`: each token's output is the weighted sum of its k chosen experts'
-outputs (Hugging Face's `Qwen3MoeExperts`, `MixtralExperts`, ... and modules written to match).
-Which modules are experts: those a Hugging Face model declares (`base_model_ep_plan` entries of
-style "ep_dispatch_experts"), or the module-name globs of `expert_plan`.
+dim 0 is the expert, says how many in `num_experts`, and computes `forward(hidden_states [N, H],
+top_k_index [N, k], top_k_weights [N, k]) -> [N, H]`: each token's output is the weighted sum of
+its k chosen experts' outputs (Hugging Face's `Qwen3MoeExperts`, `MixtralExperts`, ... and modules
+written to match). Which modules are experts: those a Hugging Face model declares
+(`base_model_ep_plan` entries of style "ep_dispatch_experts"), or the module-name globs of
+`expert_plan`.
 
 Under expert_parallel=E, the E data-parallel ranks of an *ep group* (consecutive dp ranks, each
 reading its own batch) each keep 1/E of every experts module's experts: its parameters become
@@ -118,13 +119,19 @@ def apply_expert_parallel(module: nn.Module, names: list[str], ep_mesh: DeviceMe
     `ep_mesh`, from real or meta tensors alike) and dispatches its tokens."""
     for name in names:
         experts = module.get_submodule(name)
-        for owner in experts.modules():  # a per-expert norm inside the experts too (Ergo's post_expert_norm)
-            for param_name, param in list(owner.named_parameters(recurse=False)):
-                # Every rank holds the same full value (or none, on meta): each keeps its chunk, no communication.
-                sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
-                owner.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        for owner, param_name, param in _parameter_slots(experts):
+            # Every rank holds the same full value (or none, on meta): each keeps its chunk, no communication.
+            sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)
+            owner.register_parameter(param_name, nn.Parameter(sharded, requires_grad=param.requires_grad))
         experts.num_experts //= ep_mesh.size()
         experts.forward = ExpertDispatch(experts, ep_mesh.get_group())
+
+
+def _parameter_slots(experts: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(owning module, name, parameter) of every parameter under `experts`: a submodule's too
+    (Ergo's per-expert post_expert_norm)."""
+    return [(owner, name, param) for owner in experts.modules() for name, param in owner._parameters.items()
+            if param is not None]
 
 
 def expert_data_parallel_mesh(expert_mesh: DeviceMesh, layout: Layout) -> DeviceMesh:
@@ -190,18 +197,17 @@ class ExpertDispatch:
         return self._local_forward(arrived, arrived_ids.unsqueeze(1), arrived.new_ones(arrived.shape[0], 1))
 
     def _local_forward(self, hidden_states, top_k_index, top_k_weights):
-        sharded = [(owner._parameters, name, p) for owner in self.experts.modules()
-                   for name, p in owner._parameters.items() if isinstance(p, DTensor)]
+        sharded = [slot for slot in _parameter_slots(self.experts) if isinstance(slot[2], DTensor)]
         try:
-            for slots, name, param in sharded:
+            for owner, name, param in sharded:
                 local = param.to_local()
                 if local.requires_grad:
                     local.register_hook(lambda grad: grad / self.ep)
-                slots[name] = local
+                owner._parameters[name] = local
             return self.local_forward(hidden_states, top_k_index, top_k_weights)
         finally:
-            for slots, name, param in sharded:
-                slots[name] = param
+            for owner, name, param in sharded:
+                owner._parameters[name] = param
 
 
 def _all_to_all(tensor: torch.Tensor, output_sizes: list[int], input_sizes: list[int], group) -> torch.Tensor:

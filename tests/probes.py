@@ -401,6 +401,7 @@ class ReductionsPerBackward(pl.Callback):
 
         strategy.backward = counting_backward
 
+
 class StartProbe(pl.Callback):
     """How each rank's process was set up: the cluster environment Lightning chose, the rank it
     gives the process, the threads it trains with, the rank Lightning's and torchmetrics'
